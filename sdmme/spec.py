@@ -1,0 +1,188 @@
+"""The four models and their `gen_args`, declared once.
+
+This module is the single source of truth for what each model accepts: the server validates with it,
+the client builds its command-line options from it and the README's table is generated from it. It
+imports nothing heavy so that clients can use it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+
+class InvalidInput(ValueError):
+    """A caller's mistake: reported as HTTP 400 with this message, never as a server error."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed `gen_args` key with its default and the values it allows."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    choices: Optional[Tuple[str, ...]] = None
+    multiple_of: Optional[int] = None
+    nullable: bool = False  # None is allowed (and is the default's meaning, e.g. "random seed")
+
+    def validate(self, value: Any) -> Any:
+        if value is None:
+            if self.nullable:
+                return None
+            raise InvalidInput(f"gen_args.{self.name} must not be null; allowed: {self.allowed()}")
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.type is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, self.type):
+            raise InvalidInput(
+                f"gen_args.{self.name} must be {self.type.__name__}, got {type(value).__name__} "
+                f"{value!r}; allowed: {self.allowed()}"
+            )
+        if self.type is float and not math.isfinite(value):
+            raise InvalidInput(f"gen_args.{self.name} must be a finite number; allowed: {self.allowed()}")
+        if self.choices is not None and value not in self.choices:
+            raise InvalidInput(f"gen_args.{self.name}={value!r} is not one of {', '.join(self.choices)}")
+        out_of_range = (self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+        if out_of_range or (self.multiple_of and value % self.multiple_of):
+            raise InvalidInput(f"gen_args.{self.name}={value!r} is out of range; allowed: {self.allowed()}")
+        return value
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values (used in errors, README and --help)."""
+        if self.choices is not None:
+            text = "one of " + ", ".join(self.choices)
+        else:
+            text = self.type.__name__
+            if self.min is not None and self.max is not None:
+                text += f" in [{_fmt(self.min)}, {_fmt(self.max)}]"
+            elif self.min is not None:
+                text += f" >= {_fmt(self.min)}"
+            if self.multiple_of:
+                text += f", multiple of {self.multiple_of}"
+        if self.nullable:
+            text += ", or null"
+        return text
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+SCHEDULERS: Tuple[str, ...] = ("default", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc")
+OUTPUT_FORMATS: Tuple[str, ...] = ("jpeg", "png", "webp")
+
+
+def _common(steps: int, guidance: float, strength: Optional[float] = None) -> Tuple[Param, ...]:
+    params = [
+        Param("num_inference_steps", int, steps, "Denoising steps.", min=1, max=150),
+        Param("guidance_scale", float, guidance, "Classifier-free guidance; <= 1 disables it.", min=0, max=30),
+        Param("seed", int, None, "Seed for reproducible images; image i uses seed + i. Null: random.",
+              min=0, max=2**32 - 1, nullable=True),
+        Param("num_images_per_prompt", int, 1, "Images generated for the prompt.", min=1, max=4),
+        Param("scheduler", str, "default", "Sampler; 'default' keeps the model's own.", choices=SCHEDULERS),
+        Param("output_format", str, "jpeg", "Encoding of generated_image (JPEG keeps responses under "
+              "SageMaker's 6 MB limit).", choices=OUTPUT_FORMATS),
+        Param("quality", int, 90, "JPEG/WebP quality (ignored by PNG, which is lossless).", min=1, max=100),
+    ]
+    if strength is not None:
+        params.append(Param("strength", float, strength, "How much the input image is changed (1: fully).",
+                            min=0.01, max=1))
+    return tuple(params)
+
+
+def _size(name: str, default: Optional[int]) -> Param:
+    text = "Output {}; multiple of 8.".format(name)
+    if default is None:
+        text = f"Output {name}; multiple of 8. Null: the input image's {name}, rounded down to a multiple of 8."
+    return Param(name, int, default, text, min=64, max=1024, multiple_of=8, nullable=default is None)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    pipeline: str  # diffusers class name
+    hub_id: str  # real weights on the Hugging Face hub
+    image_inputs: Tuple[str, ...]
+    params: Tuple[Param, ...]
+    max_image_pixels: int = 0  # largest accepted input image (width * height); 0 when there is none
+    description: str = ""
+    params_by_name: Dict[str, Param] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "params_by_name", {p.name: p for p in self.params})
+
+    @property
+    def inputs(self) -> Tuple[str, ...]:
+        """Triton input names, all BYTES of shape [1, 1]; `prompt` is the only required one."""
+        return ("prompt", "negative_prompt", *self.image_inputs, "gen_args")
+
+    def defaults(self) -> Dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def validate_args(self, given: Dict[str, Any]) -> Dict[str, Any]:
+        """Return the complete, checked arguments for one request; unknown keys are an error."""
+        unknown = sorted(set(given) - set(self.params_by_name))
+        if unknown:
+            raise InvalidInput(
+                f"unknown gen_args key(s) {', '.join(unknown)} for {self.name}; "
+                f"allowed: {', '.join(self.params_by_name)}"
+            )
+        args = self.defaults()
+        for key, value in given.items():
+            args[key] = self.params_by_name[key].validate(value)
+        if "strength" in args and int(args["num_inference_steps"] * args["strength"]) < 1:
+            raise InvalidInput(
+                "gen_args.num_inference_steps * gen_args.strength must be at least 1 (it is the number of "
+                f"denoising steps run); got {args['num_inference_steps']} * {args['strength']}"
+            )
+        return args
+
+
+MODELS: Dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="sd_base",
+            pipeline="StableDiffusionPipeline",
+            hub_id="stabilityai/stable-diffusion-2-1-base",
+            image_inputs=(),
+            params=_common(50, 7.5) + (_size("height", 512), _size("width", 512)),
+            description="text to image",
+        ),
+        ModelSpec(
+            name="sd_depth",
+            pipeline="StableDiffusionDepth2ImgPipeline",
+            hub_id="stabilityai/stable-diffusion-2-depth",
+            image_inputs=("image",),
+            params=_common(50, 7.5, strength=0.8),
+            max_image_pixels=1024 * 1024,
+            description="depth-conditioned image to image; output has the input's size (rounded to 8)",
+        ),
+        ModelSpec(
+            name="sd_inpaint",
+            pipeline="StableDiffusionInpaintPipeline",
+            hub_id="stabilityai/stable-diffusion-2-inpainting",
+            image_inputs=("image", "mask_image"),
+            params=_common(50, 7.5, strength=1.0) + (_size("height", None), _size("width", None)),
+            max_image_pixels=1024 * 1024,
+            description="inpainting: mask_image white = repaint, black = keep",
+        ),
+        ModelSpec(
+            name="sd_upscale",
+            pipeline="StableDiffusionUpscalePipeline",
+            hub_id="stabilityai/stable-diffusion-x4-upscaler",
+            image_inputs=("image",),
+            params=_common(50, 9.0)
+            + (Param("noise_level", int, 20, "Noise added to the low-resolution image.", min=0, max=350),),
+            # 512x512 in gives 2048x2048 out, which exhausts a 24 GB GPU in the VAE decoder.
+            max_image_pixels=256 * 256,
+            description="x4 super-resolution",
+        ),
+    )
+}
