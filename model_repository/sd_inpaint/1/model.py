@@ -1,0 +1,5 @@
+from sdmme.triton_model import DiffusionModel
+
+
+class TritonPythonModel(DiffusionModel):
+    spec_name = "sd_inpaint"
