@@ -84,11 +84,11 @@ def command(
         f"--backend-directory={workdir / 'backends'}",
         f"--cache-directory={workdir / 'caches'}",
         "--disable-auto-complete-config",
-        f"--http-address=127.0.0.1",
+        "--http-address=127.0.0.1",
         f"--http-port={http_port}",
-        f"--grpc-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
         f"--grpc-port={grpc_port}",
-        f"--metrics-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
         f"--metrics-port={metrics_port}",
         "--log-verbose=0",
     ]
@@ -169,7 +169,9 @@ class TritonServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Serve a model repository with the pip-installed tritonserver.")
+    parser = argparse.ArgumentParser(
+        description="Serve a model repository with the pip-installed tritonserver."
+    )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -178,7 +180,12 @@ def main() -> None:
     args = parser.parse_args()
     workdir = prepare_backends(Path(tempfile.mkdtemp(prefix="tritonserver-")))
     cmd = command(
-        args.model_repository.resolve(), workdir, args.http_port, args.grpc_port, args.metrics_port, args.extra
+        args.model_repository.resolve(),
+        workdir,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        args.extra,
     )
     print(f"serving {args.model_repository} on http://127.0.0.1:{args.http_port} (Ctrl-C stops)", flush=True)
     os.execve(cmd[0], cmd, environment())

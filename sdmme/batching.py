@@ -6,15 +6,19 @@ Kept free of Triton imports: inputs arrive as a name -> numpy array mapping (Non
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+import time
+import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from sdmme import images
 from sdmme.spec import InvalidInput, ModelSpec
 
+log = logging.getLogger("sdmme")
 MAX_IMAGES_PER_CALL = 8  # one pipeline call generates at most this many images
 POST_PROCESSING_ARGS = ("seed", "num_images_per_prompt", "output_format", "quality")
 
@@ -70,14 +74,18 @@ def _gen_args(text: Optional[str]) -> Dict[str, Any]:
 def parse(spec: ModelSpec, index: int, inputs: Mapping[str, Optional[np.ndarray]]) -> Job:
     unexpected = sorted(set(inputs) - set(spec.inputs))
     if unexpected:
-        raise InvalidInput(f"unexpected input(s) {', '.join(unexpected)}; {spec.name} takes {', '.join(spec.inputs)}")
+        raise InvalidInput(
+            f"unexpected input(s) {', '.join(unexpected)}; {spec.name} takes {', '.join(spec.inputs)}"
+        )
     prompt = _text("prompt", inputs.get("prompt"), required=True)
     negative = _text("negative_prompt", inputs.get("negative_prompt")) or ""
     args = spec.validate_args(_gen_args(_text("gen_args", inputs.get("gen_args"))))
     decoded = {}
     for name in spec.image_inputs:
         mode = "L" if name == "mask_image" else "RGB"
-        decoded[name] = images.decode(name, _text(name, inputs.get(name), required=True), spec.max_image_pixels, mode)
+        decoded[name] = images.decode(
+            name, _text(name, inputs.get(name), required=True), spec.max_image_pixels, mode
+        )
     if "mask_image" in decoded and decoded["mask_image"].size != decoded["image"].size:
         raise InvalidInput(
             "mask_image must have the size of image: got mask {}x{} for image {}x{}".format(
@@ -102,6 +110,25 @@ def plan(jobs: List[Job], max_images: int = MAX_IMAGES_PER_CALL) -> List[List[Jo
             chunks.append([])
         chunks[-1].append(job)
     return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def execute(runner, jobs: List[Job]) -> Iterator[Tuple[List[Job], Union[List[List[Any]], Exception]]]:
+    """Run every group; yields (group, images per job) or (group, the exception that failed it alone)."""
+    for group in plan(jobs):
+        start = time.monotonic()
+        try:
+            results = run(runner, group)
+        except Exception as e:  # one failed group must not fail the others
+            log.error("batch of %d request(s) failed:\n%s", len(group), traceback.format_exc())
+            yield group, e
+            continue
+        log.info(
+            "%d request(s), %d image(s) in one call, %.2fs",
+            len(group),
+            sum(len(j.seeds) for j in group),
+            time.monotonic() - start,
+        )
+        yield group, results
 
 
 def run(runner, group: List[Job]) -> List[List[Any]]:

@@ -31,7 +31,7 @@ def decode(field: str, data: Union[bytes, str], max_pixels: int, mode: str = "RG
     if width * height > max_pixels:
         raise InvalidInput(
             f"{field} is {width}x{height} ({width * height} pixels); this model accepts at most "
-            f"{max_pixels} pixels (e.g. {int(max_pixels ** 0.5)}x{int(max_pixels ** 0.5)})"
+            f"{max_pixels} pixels (e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)})"
         )
     if min(width, height) < MIN_SIDE:
         raise InvalidInput(f"{field} is {width}x{height}; both sides must be at least {MIN_SIDE} pixels")

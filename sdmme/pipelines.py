@@ -13,13 +13,15 @@ from sdmme.spec import ModelSpec
 
 log = logging.getLogger("sdmme")
 
-SCHEDULER_CLASSES: Dict[str, str] = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
+# gen_args scheduler name -> (diffusers class, settings over the model's own scheduler config)
+SCHEDULER_CLASSES: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    # PLMS as in every Stable Diffusion config; the Runge-Kutta warm-up fails below 4 steps.
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 # gen_args the pipeline call takes directly; the rest (seed, scheduler, encoding) are handled here.
@@ -71,8 +73,10 @@ class Runner:
 
     def scheduler(self, name: str):
         if name not in self._schedulers:
-            cls = getattr(diffusers, SCHEDULER_CLASSES[name])
-            self._schedulers[name] = cls.from_config(self.default_scheduler.config)
+            cls, settings = SCHEDULER_CLASSES[name]
+            self._schedulers[name] = getattr(diffusers, cls).from_config(
+                self.default_scheduler.config, **settings
+            )
         return self._schedulers[name]
 
     @torch.inference_mode()

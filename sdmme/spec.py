@@ -48,7 +48,9 @@ class Param:
             raise InvalidInput(f"gen_args.{self.name} must be a finite number; allowed: {self.allowed()}")
         if self.choices is not None and value not in self.choices:
             raise InvalidInput(f"gen_args.{self.name}={value!r} is not one of {', '.join(self.choices)}")
-        out_of_range = (self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+        out_of_range = (self.min is not None and value < self.min) or (
+            self.max is not None and value > self.max
+        )
         if out_of_range or (self.multiple_of and value % self.multiple_of):
             raise InvalidInput(f"gen_args.{self.name}={value!r} is out of range; allowed: {self.allowed()}")
         return value
@@ -81,25 +83,47 @@ OUTPUT_FORMATS: Tuple[str, ...] = ("jpeg", "png", "webp")
 def _common(steps: int, guidance: float, strength: Optional[float] = None) -> Tuple[Param, ...]:
     params = [
         Param("num_inference_steps", int, steps, "Denoising steps.", min=1, max=150),
-        Param("guidance_scale", float, guidance, "Classifier-free guidance; <= 1 disables it.", min=0, max=30),
-        Param("seed", int, None, "Seed for reproducible images; image i uses seed + i. Null: random.",
-              min=0, max=2**32 - 1, nullable=True),
+        Param(
+            "guidance_scale", float, guidance, "Classifier-free guidance; <= 1 disables it.", min=0, max=30
+        ),
+        Param(
+            "seed",
+            int,
+            None,
+            "Seed for reproducible images; image i uses seed + i. Null: random.",
+            min=0,
+            max=2**32 - 1,
+            nullable=True,
+        ),
         Param("num_images_per_prompt", int, 1, "Images generated for the prompt.", min=1, max=4),
         Param("scheduler", str, "default", "Sampler; 'default' keeps the model's own.", choices=SCHEDULERS),
-        Param("output_format", str, "jpeg", "Encoding of generated_image (JPEG keeps responses under "
-              "SageMaker's 6 MB limit).", choices=OUTPUT_FORMATS),
+        Param(
+            "output_format",
+            str,
+            "jpeg",
+            "Encoding of generated_image (JPEG keeps responses under SageMaker's 6 MB limit).",
+            choices=OUTPUT_FORMATS,
+        ),
         Param("quality", int, 90, "JPEG/WebP quality (ignored by PNG, which is lossless).", min=1, max=100),
     ]
     if strength is not None:
-        params.append(Param("strength", float, strength, "How much the input image is changed (1: fully).",
-                            min=0.01, max=1))
+        params.append(
+            Param(
+                "strength",
+                float,
+                strength,
+                "How much the input image is changed (1: fully).",
+                min=0.01,
+                max=1,
+            )
+        )
     return tuple(params)
 
 
 def _size(name: str, default: Optional[int]) -> Param:
-    text = "Output {}; multiple of 8.".format(name)
+    text = f"Output {name}."
     if default is None:
-        text = f"Output {name}; multiple of 8. Null: the input image's {name}, rounded down to a multiple of 8."
+        text = f"Output {name}. Null: the input image's {name} (rounded down to a multiple of 8)."
     return Param(name, int, default, text, min=64, max=1024, multiple_of=8, nullable=default is None)
 
 

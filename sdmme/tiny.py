@@ -14,15 +14,23 @@ from typing import Callable, Dict
 
 import diffusers
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig, DPTForDepthEstimation
-from transformers import DPTImageProcessor
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    DPTConfig,
+    DPTForDepthEstimation,
+    DPTImageProcessor,
+)
 
 TEXT_DIM = 32
 
 
 def _bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's reversible byte -> printable character table, which CLIP's BPE vocabulary is built on."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -97,8 +105,12 @@ def vae(levels: int, scaling_factor: float) -> diffusers.AutoencoderKL:
 
 def sd_scheduler() -> diffusers.PNDMScheduler:
     return diffusers.PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 
@@ -109,15 +121,25 @@ def _text_parts() -> dict:
 
 def sd_base() -> diffusers.StableDiffusionPipeline:
     return diffusers.StableDiffusionPipeline(
-        **_text_parts(), unet=unet(4), vae=vae(4, 0.18215), scheduler=sd_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **_text_parts(),
+        unet=unet(4),
+        vae=vae(4, 0.18215),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
 def sd_inpaint() -> diffusers.StableDiffusionInpaintPipeline:
     return diffusers.StableDiffusionInpaintPipeline(
-        **_text_parts(), unet=unet(9), vae=vae(4, 0.18215), scheduler=sd_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **_text_parts(),
+        unet=unet(9),
+        vae=vae(4, 0.18215),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -125,15 +147,26 @@ def sd_depth() -> diffusers.StableDiffusionDepth2ImgPipeline:
     torch.manual_seed(0)
     estimator = DPTForDepthEstimation(
         DPTConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-            intermediate_size=37, is_hybrid=False, neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=32,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=37,
+            is_hybrid=False,
+            neck_hidden_sizes=[16, 32, 64, 64],
+            fusion_hidden_size=32,
             backbone_out_indices=[0, 1, 2, 3],
         )
     )
     processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
     return diffusers.StableDiffusionDepth2ImgPipeline(
-        **_text_parts(), unet=unet(5), vae=vae(4, 0.18215), scheduler=sd_scheduler(),
-        depth_estimator=estimator, feature_extractor=processor,
+        **_text_parts(),
+        unet=unet(5),
+        vae=vae(4, 0.18215),
+        scheduler=sd_scheduler(),
+        depth_estimator=estimator,
+        feature_extractor=processor,
     )
 
 
@@ -158,8 +191,13 @@ def sd_upscale() -> diffusers.StableDiffusionUpscalePipeline:
         vae=vae(3, 0.08333),
         low_res_scheduler=diffusers.DDPMScheduler(beta_schedule="scaled_linear"),
         scheduler=diffusers.DDIMScheduler(
-            beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
-            clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="scaled_linear",
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
         ),
         max_noise_level=350,
     )

@@ -6,7 +6,6 @@ import gc
 import logging
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ class DiffusionModel:
         try:
             self.runner = pipelines.Runner(pipelines.load(self.spec, weights, device, dtype))
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-            # SageMaker answers a load failure mentioning "out of memory" with 507, evicts other models and retries.
+            # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
             raise RuntimeError(f"out of memory loading {self.spec.name}: {e}") from e
         log.info("%s (%s): ready in %.1fs", self.spec.name, args["model_name"], time.monotonic() - start)
 
@@ -55,28 +54,22 @@ class DiffusionModel:
                 jobs.append(batching.parse(self.spec, i, inputs))
             except InvalidInput as e:
                 responses[i] = _error(str(e), pb_utils.TritonError.INVALID_ARG)
-        for group in batching.plan(jobs):
-            start = time.monotonic()
-            try:
-                results = batching.run(self.runner, group)
-            except Exception as e:  # one failed group must not fail the others or unload the model
-                log.error("%s: batch of %d failed:\n%s", self.spec.name, len(group), traceback.format_exc())
-                if isinstance(e, torch.cuda.OutOfMemoryError):
+        for group, outcome in batching.execute(self.runner, jobs):
+            if isinstance(outcome, Exception):
+                if isinstance(outcome, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
                     message = "out of memory; retry with fewer images or a smaller size"
                 else:
-                    message = f"generation failed: {type(e).__name__}: {e}"
+                    message = f"generation failed: {type(outcome).__name__}: {outcome}"
                 for job in group:
                     responses[job.index] = _error(message)
                 continue
-            for job, generated in zip(group, results):
-                encoded = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
+            for job, generated in zip(group, outcome):
+                encoded = [
+                    images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated
+                ]
                 tensor = pb_utils.Tensor("generated_image", np.array([encoded], dtype=np.object_))
                 responses[job.index] = pb_utils.InferenceResponse(output_tensors=[tensor])
-            log.info(
-                "%s: %d request(s), %d image(s) in one call, %.2fs",
-                self.spec.name, len(group), sum(len(j.seeds) for j in group), time.monotonic() - start,
-            )
         return responses
 
     def finalize(self):

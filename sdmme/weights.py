@@ -64,14 +64,22 @@ def fill(repository: Path, model: str, source: str, force: bool = False) -> Path
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    log.info("%s: %s weights saved to %s (%.1f MB, %.1fs)", model, source, dest, size / 1e6,
-             time.monotonic() - start)
+    log.info(
+        "%s: %s weights saved to %s (%.1f MB, %.1fs)",
+        model,
+        source,
+        dest,
+        size / 1e6,
+        time.monotonic() - start,
+    )
     return dest
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", choices=sorted(SOURCES))
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))

@@ -1,0 +1,55 @@
+# Every target sets up what it needs: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of this version is what the dev machines carry; on a GPU box pick your CUDA build.
+TORCH ?= torch==2.13.0
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
+WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
+
+.PHONY: venv weights weights-hub serve serve-docker demo test lint docs clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+weights: $(WEIGHTS)
+$(WEIGHTS) &: | $(VENV)/.installed
+	$(PY) -m sdmme.weights tiny
+
+# Real weights from the Hugging Face hub (fp16 safetensors, about 5 GB); replaces tiny ones.
+weights-hub: venv
+	$(PY) -m sdmme.weights hub --force
+
+serve: weights
+	$(PY) -m deploy.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# GPU machines with docker: NGC's tritonserver with this repository mounted; installs the runtime at start.
+serve-docker:
+	docker run --gpus all --rm --shm-size=1g \
+	  -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
+	  -v "$(CURDIR)":/src -w /src $(TRITON_IMAGE) \
+	  bash -c "pip install '/src[runtime]' xformers && tritonserver --model-repository=/src/model_repository"
+
+demo: weights
+	$(PY) -m client.demo
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf out dist .pytest_cache
+
+docs: venv
+	$(PY) -m sdmme.docs

@@ -1,0 +1,6 @@
+"""Clients for the four models: Triton HTTP (`TritonClient`) and SageMaker endpoints (`EndpointClient`)."""
+
+from client.base import Client, ModelError
+from client.triton import TritonClient
+
+__all__ = ["Client", "ModelError", "TritonClient"]

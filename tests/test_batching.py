@@ -1,0 +1,86 @@
+"""Request parsing and grouping, without a server (the server tests cover the same through Triton)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import b64, picture
+from PIL import Image
+
+from sdmme import batching
+from sdmme.spec import MODELS, InvalidInput
+
+
+def tensor(value) -> np.ndarray:
+    return np.array([[value.encode() if isinstance(value, str) else value]], dtype=np.object_)
+
+
+def job(index, prompt="p", model="sd_base", **gen_args):
+    inputs = {"prompt": tensor(prompt), "gen_args": tensor(json.dumps(gen_args))}
+    if model != "sd_base":
+        inputs["image"] = tensor(b64(picture(64, 64)))
+    return batching.parse(MODELS[model], index, inputs)
+
+
+def test_parse_fills_defaults_and_seeds():
+    j = job(0, seed=7, num_images_per_prompt=3)
+    assert j.seeds == [7, 8, 9] and j.args["num_inference_steps"] == 50 and j.negative_prompt == ""
+    assert len(job(0).seeds) == 1  # random seed when none given
+
+
+def test_parse_rejects_batched_request():
+    with pytest.raises(InvalidInput, match=r"shape \[1, 1\]\), got shape \[2, 1\]"):
+        batching.parse(MODELS["sd_base"], 0, {"prompt": np.array([[b"a"], [b"b"]], dtype=np.object_)})
+
+
+def test_inpaint_size_defaults_to_image_size():
+    inputs = {
+        "prompt": tensor("p"),
+        "image": tensor(b64(picture(96, 72))),
+        "mask_image": tensor(b64(picture(96, 72))),
+    }
+    parsed = batching.parse(MODELS["sd_inpaint"], 0, inputs)
+    assert (parsed.args["width"], parsed.args["height"]) == (96, 72)
+    assert parsed.images["mask_image"].mode == "L"
+
+
+def test_plan_groups_compatible_and_caps_images():
+    jobs = [
+        job(0, seed=1),
+        job(1, num_inference_steps=3),
+        job(2, seed=2, output_format="png"),
+        job(3, num_images_per_prompt=4),
+        job(4, num_images_per_prompt=4),
+    ]
+    groups = [[j.index for j in g] for g in batching.plan(jobs, max_images=8)]
+    # seed and output encoding do not split a group; steps do; 1 + 1 + 4 + 4 images > 8 splits the last
+    assert groups == [[0, 2, 3], [4], [1]]
+
+
+class FakeRunner:
+    """Stands in for the pipeline (not for Triton): fails any call whose prompts include 'boom'."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, args, prompts, negative_prompts, seeds, images):
+        self.calls.append(prompts)
+        if "boom" in prompts:
+            raise RuntimeError("exploded")
+        return [Image.new("RGB", (8, 8), (seed % 256, 0, 0)) for seed in seeds]
+
+
+def test_execute_isolates_a_failing_group_and_splits_images_back():
+    runner = FakeRunner()
+    jobs = [
+        job(0, "a", seed=1, num_images_per_prompt=2),
+        job(1, "boom", num_inference_steps=3),
+        job(2, "c", seed=5),
+    ]
+    outcomes = {tuple(j.index for j in g): r for g, r in batching.execute(runner, jobs)}
+    assert isinstance(outcomes[(1,)], RuntimeError)
+    first, third = outcomes[(0, 2)]
+    assert [im.getpixel((0, 0))[0] for im in first] == [1, 2] and [
+        im.getpixel((0, 0))[0] for im in third
+    ] == [5]
+    assert runner.calls[0] == ["a", "a", "c"]
