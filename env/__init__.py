@@ -1,0 +1,1 @@
+"""The Python environment each model archive carries (Triton's EXECUTION_ENV_PATH)."""

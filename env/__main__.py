@@ -1,0 +1,3 @@
+from env.build import main
+
+main()

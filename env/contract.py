@@ -1,0 +1,136 @@
+"""What every packed environment must satisfy, whichever way it was built.
+
+- `bin/activate` works from any path (the archive is extracted wherever Triton chooses);
+- `lib/libpython3.X.so.1.0` is present (the backend stub embeds it);
+- `sdmme-env.json` records the Python version (deploy compares it with the image's);
+- the runtime imports from an extracted copy, with the build environment out of reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+MANIFEST = "sdmme-env.json"
+RUNTIME_IMPORTS = (
+    "numpy",
+    "PIL",
+    "torch",
+    "transformers",
+    "diffusers",
+    "safetensors",
+    "sdmme.pipelines",
+    "sdmme.batching",
+)
+_PROBE = """
+import importlib, json, sys
+mods = {name: importlib.import_module(name) for name in sys.argv[1:]}
+print(json.dumps({"prefix": sys.prefix, "version": "%d.%d" % sys.version_info[:2],
+                  "numpy": mods["numpy"].__version__,
+                  "files": {name: getattr(m, "__file__", "") for name, m in mods.items()}}))
+"""
+
+
+class ContractError(Exception):
+    """The environment would not serve: the message says what is wrong and what to change."""
+
+
+def read_manifest(archive: Path) -> Dict:
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        check_layout(names)
+        return json.load(tar.extractfile(MANIFEST))
+
+
+def check_layout(names: Iterable[str]) -> None:
+    names = {n[2:] if n.startswith("./") else n for n in names}
+    if "bin/activate" not in names:
+        raise ContractError(
+            "environment has no bin/activate: Triton sources it to enter the environment; "
+            "build it with `make env` (conda-pack or the relocatable builder)"
+        )
+    if MANIFEST not in names:
+        raise ContractError(
+            f"environment has no {MANIFEST} recording its Python version; rebuild it with `make env`"
+        )
+    if not any(n.startswith("lib/libpython3.") and n.endswith(".so.1.0") for n in names):
+        raise ContractError(
+            "environment has no lib/libpython3.X.so.1.0, which the Python backend stub embeds; "
+            "build Python with --enable-shared (conda's python has it)"
+        )
+
+
+def _hiding(paths: List[Path]) -> List[str]:
+    """A command prefix that mounts empty tmpfs over `paths` in a private mount namespace, when allowed."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return []
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        return []
+    mounts = " && ".join(f"mount -t tmpfs none {p}" for p in paths if p.is_dir())
+    return ["unshare", "-m", "bash", "-c", f'{mounts} && exec "$@"', "hide"] if mounts else []
+
+
+def check_imports(env_dir: Path, hide: List[Path]) -> Dict:
+    """Source bin/activate from `env_dir` in a clean environment and import the runtime there."""
+    command = [
+        "bash",
+        "-c",
+        'source "$1/bin/activate" && shift && exec python3 -c "$@"',
+        "probe",
+        str(env_dir),
+        _PROBE,
+        *RUNTIME_IMPORTS,
+    ]
+    clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    hidden = _hiding(hide)
+    result = subprocess.run(hidden + command, env=clean, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise ContractError(
+            f"the runtime does not import from the extracted environment:\n{result.stderr[-3000:]}"
+        )
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    outside = {
+        k: v for k, v in probe["files"].items() if not Path(v).resolve().is_relative_to(env_dir.resolve())
+    }
+    if outside:
+        raise ContractError(
+            f"modules imported from outside the environment (it is not self-contained): {outside}"
+        )
+    if probe["numpy"].split(".")[0] != "1":
+        raise ContractError(
+            f"numpy {probe['numpy']} in the environment: numpy 2 crashes the Python backend "
+            "stub on BYTES inputs; pin numpy<2"
+        )
+    probe["build_env_hidden"] = bool(hidden)
+    return probe
+
+
+def verify(archive: Path, hide: List[Path]) -> Dict:
+    """The whole contract on a packed archive: layout, manifest, and imports from an extracted copy."""
+    manifest = read_manifest(archive)
+    with tempfile.TemporaryDirectory(prefix="sdmme-env-check-") as tmp:
+        where = Path(tmp) / "somewhere" / "else"
+        where.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(where, filter="tar")
+        probe = check_imports(where, hide)
+    if probe["version"] != manifest["python"]:
+        raise ContractError(
+            f"manifest says Python {manifest['python']} but the environment runs {probe['version']}"
+        )
+    hidden = (
+        "build environment hidden" if probe["build_env_hidden"] else "build environment visible: not root"
+    )
+    print(
+        f"environment contract holds: Python {probe['version']}, "
+        f"runtime imports from an extracted copy ({hidden})",
+        file=sys.stderr,
+    )
+    return manifest
