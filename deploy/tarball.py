@@ -64,6 +64,8 @@ class Progress:
 def tree_size(paths: Iterable[Path]) -> int:
     total = 0
     for root in paths:
+        if root.is_file():
+            total += root.stat().st_size
         for dirpath, _, filenames in os.walk(root):
             total += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in filenames)
     return total
@@ -74,7 +76,7 @@ def write(dest: Path, members: Iterable[Tuple[Path, str]], label: str, compressl
 
     Entries are sorted with fixed mtime, owner and modes, and the gzip header has no name or time.
     """
-    members = list(members)
+    members = sorted(members, key=lambda member: member[1])
     progress = Progress(label, tree_size(p for p, _ in members))
     partial = dest.with_name(dest.name + ".partial")
     dest.parent.mkdir(parents=True, exist_ok=True)

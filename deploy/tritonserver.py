@@ -48,15 +48,14 @@ def prepare_backends(dest: Path, python_version: str | None = None) -> Path:
     return dest
 
 
+def _libs() -> Path:
+    return _wheel_root().parent.parent / "nvidia_pytriton.libs"
+
+
 def environment(python_bin: Path | None = None) -> dict[str, str]:
     """PATH and LD_LIBRARY_PATH so that the stub embeds this interpreter and imports from its env."""
-    import pytriton
-
     env = dict(os.environ)
-    libs = [
-        sysconfig.get_config_var("LIBDIR"),
-        str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"),
-    ]
+    libs = [sysconfig.get_config_var("LIBDIR"), str(_libs())]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = ":".join(libs)
@@ -71,7 +70,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def isolate(workdir: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the server outside this Python environment, and a bare environment to run it in.
+
+    Models then run only from environments they bring (EXECUTION_ENV_PATH); this venv can be hidden.
+    """
+    shutil.copytree(_libs(), workdir / "libs")
+    (workdir / "bin").mkdir()
+    shutil.copy2(binary(), workdir / "bin" / "tritonserver")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/"),
+        "LD_LIBRARY_PATH": str(workdir / "libs"),
+    }
+    return workdir / "bin" / "tritonserver", env
+
+
 def command(
+    server: Path,
     model_repository: Path | None,
     workdir: Path,
     http_port: int,
@@ -80,7 +96,7 @@ def command(
     extra: list[str] = (),
 ) -> list[str]:
     cmd = [
-        str(binary()),
+        str(server),
         f"--backend-directory={workdir / 'backends'}",
         f"--cache-directory={workdir / 'caches'}",
         "--disable-auto-complete-config",
@@ -107,14 +123,22 @@ class TritonServer:
         log_file: Path | None = None,
         ports: tuple[int, int, int] | None = None,
         wrap: list[str] = (),
+        isolated: bool = False,
     ):
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         prepare_backends(self.workdir)
+        server, self.env = isolate(self.workdir) if isolated else (binary(), environment())
         self.http_port, self.grpc_port, self.metrics_port = ports or (free_port(), free_port(), free_port())
         self.cmd = list(wrap) + command(
-            model_repository, self.workdir, self.http_port, self.grpc_port, self.metrics_port, list(extra)
+            server,
+            model_repository,
+            self.workdir,
+            self.http_port,
+            self.grpc_port,
+            self.metrics_port,
+            list(extra),
         )
-        self.log_file = log_file or self.workdir / "server.log"
+        self.log_file = log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
     @property
@@ -125,7 +149,7 @@ class TritonServer:
         log.info("starting %s (log: %s)", " ".join(self.cmd), self.log_file)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(
-                self.cmd, env=environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.wait_ready(timeout, ready_path)
         return self
@@ -142,8 +166,9 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.25)
+        tail = self.log_tail()
         self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s:\n{tail}")
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
@@ -159,7 +184,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()

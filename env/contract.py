@@ -67,7 +67,7 @@ def check_layout(names: Iterable[str]) -> None:
         )
 
 
-def _hiding(paths: List[Path]) -> List[str]:
+def hiding(paths: List[Path]) -> List[str]:
     """A command prefix that mounts empty tmpfs over `paths` in a private mount namespace, when allowed."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return []
@@ -89,7 +89,7 @@ def check_imports(env_dir: Path, hide: List[Path]) -> Dict:
         *RUNTIME_IMPORTS,
     ]
     clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
-    hidden = _hiding(hide)
+    hidden = hiding(hide)
     result = subprocess.run(hidden + command, env=clean, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise ContractError(

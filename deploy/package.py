@@ -1,0 +1,132 @@
+"""`make package`: one self-contained `<model>.tar.gz` per model, as a SageMaker MME serves it.
+
+Each archive holds one top-level folder named after the model: config.pbtxt (with EXECUTION_ENV_PATH
+pointing inside the model folder), 1/model.py, 1/weights/, the packed environment (which carries the
+sdmme runtime) and a manifest. Everything is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+from deploy import tarball
+from env import contract
+from env.build import OUTPUT as ENV_ARCHIVE
+from env.build import verified_manifest
+from sdmme.spec import MODELS
+
+ENV_NAME = "sd_env.tar.gz"
+MANIFEST = "sdmme-archive.json"
+ENV_PARAMETER = f"""
+# Added by `make package`: each archive runs in the environment it carries.
+parameters: {{
+  key: "EXECUTION_ENV_PATH"
+  value: {{ string_value: "$$TRITON_MODEL_DIRECTORY/{ENV_NAME}" }}
+}}
+"""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class PackageError(Exception):
+    """A model folder or the environment is not fit to ship; nothing was written."""
+
+
+def check_model(folder: Path) -> Dict:
+    """Check one model folder; returns what the manifest records about it."""
+    name = folder.name
+    config_path = folder / "config.pbtxt"
+    if not config_path.exists():
+        raise PackageError(f"{name}: {config_path} is missing")
+    config = config_path.read_text()
+    declared = re.search(r'^name:\s*"([^"]+)"', config, re.M)
+    if not declared or declared.group(1) != name:
+        raise PackageError(f'{name}: config.pbtxt must say name: "{name}" (the folder name)')
+    if not re.search(r'^backend:\s*"python"', config, re.M):
+        raise PackageError(f'{name}: config.pbtxt must say backend: "python"')
+    if "EXECUTION_ENV_PATH" in config:
+        raise PackageError(f"{name}: config.pbtxt already sets EXECUTION_ENV_PATH; packaging adds it")
+    if not (folder / "1" / "model.py").exists():
+        raise PackageError(f"{name}: 1/model.py is missing")
+    weights = folder / "1" / "weights"
+    if not (weights / "model_index.json").exists():
+        raise PackageError(f"{name}: no weights in {weights}: run `make weights` or `make weights-hub`")
+    pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise PackageError(
+            f"{name}: pickled files are never shipped (safetensors only): {', '.join(pickled)}"
+        )
+    if not any(weights.rglob("*.safetensors")):
+        raise PackageError(f"{name}: {weights} holds no .safetensors files")
+    source = json.loads((weights / "source.json").read_text()) if (weights / "source.json").exists() else {}
+    return {"model": name, "weights": source.get("source", "unknown")}
+
+
+def members(folder: Path, staging: Path, env_archive: Path) -> List:
+    """What goes into the archive, in the archive's layout."""
+    name = folder.name
+    config = staging / "config.pbtxt"
+    config.write_text((folder / "config.pbtxt").read_text().rstrip("\n") + "\n" + ENV_PARAMETER)
+    files = [(config, f"{name}/config.pbtxt"), (staging / MANIFEST, f"{name}/{MANIFEST}")]
+    files.append((env_archive, f"{name}/{ENV_NAME}"))
+    for path in sorted((folder / "1").rglob("*")):
+        relative = path.relative_to(folder)
+        if "__pycache__" in relative.parts or path.is_dir():
+            continue
+        files.append((path, f"{name}/{relative.as_posix()}"))
+    return files
+
+
+def package(repository: Path, models: List[str], dist: Path, env_archive: Path = ENV_ARCHIVE) -> List[Path]:
+    infos = [check_model(repository / model) for model in models]  # every check before any write
+    try:
+        env_manifest = verified_manifest(env_archive)
+    except contract.ContractError as e:
+        raise PackageError(f"environment {env_archive}: {e}") from None
+    written = []
+    for info in infos:
+        folder = repository / info["model"]
+        with tempfile.TemporaryDirectory() as tmp:
+            staging = Path(tmp)
+            manifest = {
+                **info,
+                "python": env_manifest["python"],
+                "env_builder": env_manifest["builder"],
+                "env_sha256": tarball.sha256(env_archive),
+                "sdmme": env_manifest["sdmme"],
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            dest = dist / f"{info['model']}.tar.gz"
+            print(f"packing {dest}", file=sys.stderr, flush=True)
+            # The environment is already compressed: a light level saves minutes and little space.
+            tarball.write(
+                dest, members(folder, staging, env_archive), f"packing {dest.name}", compresslevel=1
+            )
+            written.append(dest)
+    for path in written:
+        print(f"{path}: {path.stat().st_size / 1e6:,.1f} MB  sha256 {tarball.sha256(path)[:16]}")
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--dist", type=Path, default=Path("dist"))
+    parser.add_argument("--env", type=Path, default=ENV_ARCHIVE, help="packed environment (make env)")
+    args = parser.parse_args()
+    try:
+        package(args.repository, args.models, args.dist, args.env)
+    except PackageError as e:
+        raise SystemExit(f"make package: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`make upload BUCKET=... PREFIX=...`: the model archives to s3://BUCKET/PREFIX/ (the MME ModelDataUrl).
+
+An object whose stored sha256 equals the local archive's is skipped. Multipart uploads are managed by
+boto3 and aborted on failure, so a failed upload leaves no object behind and can simply be re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+from tqdm import tqdm
+
+from deploy import tarball
+from deploy.package import MANIFEST
+
+SHA_KEY = "sha256"  # x-amz-meta-sha256
+PYTHON_KEY = "python"  # x-amz-meta-python: the archive's env Python, checked by deploy
+
+
+def s3_client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
+    """boto3 reads AWS_ENDPOINT_URL itself; an explicit endpoint wins."""
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+
+def archive_manifest(path: Path) -> Dict:
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith("/" + MANIFEST) and member.name.count("/") == 1:
+                return json.load(tar.extractfile(member))
+    raise ValueError(f"{path} has no {MANIFEST}: build it with `make package`")
+
+
+def key_for(prefix: str, path: Path) -> str:
+    return f"{prefix.strip('/')}/{path.name}" if prefix.strip("/") else path.name
+
+
+def remote_sha(s3, bucket: str, key: str) -> Optional[str]:
+    try:
+        return s3.head_object(Bucket=bucket, Key=key)["Metadata"].get(SHA_KEY)
+    except ClientError as e:
+        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def upload(
+    s3, archives: List[Path], bucket: str, prefix: str, config: Optional[TransferConfig] = None, callback=None
+) -> Dict[str, str]:
+    """Returns {key: "uploaded" | "unchanged"}."""
+    outcome = {}
+    for path in archives:
+        key = key_for(prefix, path)
+        digest = tarball.sha256(path)
+        if remote_sha(s3, bucket, key) == digest:
+            print(f"s3://{bucket}/{key}: unchanged (sha256 {digest[:16]}), skipped", file=sys.stderr)
+            outcome[key] = "unchanged"
+            continue
+        metadata = {SHA_KEY: digest, PYTHON_KEY: archive_manifest(path)["python"]}
+        size = path.stat().st_size
+        with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr) as bar:
+
+            def progress(n: int) -> None:
+                bar.update(n)
+                if callback:
+                    callback(n)
+
+            s3.upload_file(
+                str(path),
+                bucket,
+                key,
+                ExtraArgs={"Metadata": metadata},
+                Config=config or TransferConfig(),
+                Callback=progress,
+            )
+        print(f"s3://{bucket}/{key}: uploaded {size / 1e6:,.1f} MB", file=sys.stderr)
+        outcome[key] = "uploaded"
+    return outcome
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--prefix", default="sd-mme/models")
+    parser.add_argument("--dist", type=Path, default=Path("dist"))
+    parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--region")
+    args = parser.parse_args()
+    archives = sorted(args.dist.glob("*.tar.gz"))
+    if not archives:
+        raise SystemExit(f"make upload: no archives in {args.dist}: run `make package` first")
+    upload(s3_client(args.endpoint_url, args.region), archives, args.bucket, args.prefix)
+    print(f"ModelDataUrl: s3://{args.bucket}/{args.prefix.strip('/')}/")
+
+
+if __name__ == "__main__":
+    main()
