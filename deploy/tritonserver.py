@@ -124,9 +124,10 @@ class TritonServer:
         ports: tuple[int, int, int] | None = None,
         wrap: list[str] = (),
         isolated: bool = False,
+        python_version: str | None = None,
     ):
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
-        prepare_backends(self.workdir)
+        prepare_backends(self.workdir, python_version)
         server, self.env = isolate(self.workdir) if isolated else (binary(), environment())
         self.http_port, self.grpc_port, self.metrics_port = ports or (free_port(), free_port(), free_port())
         self.cmd = list(wrap) + command(

@@ -73,7 +73,9 @@ def hiding(paths: List[Path]) -> List[str]:
         return []
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         return []
-    mounts = " && ".join(f"mount -t tmpfs none {p}" for p in paths if p.is_dir())
+    dirs = {p.resolve() for p in paths if p.is_dir()}
+    outermost = sorted(p for p in dirs if not any(p != q and p.is_relative_to(q) for q in dirs))
+    mounts = " && ".join(f"mount -t tmpfs none '{p}'" for p in outermost)
     return ["unshare", "-m", "bash", "-c", f'{mounts} && exec "$@"', "hide"] if mounts else []
 
 

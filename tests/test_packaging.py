@@ -1,0 +1,174 @@
+"""make env / make package: archives that serve on their own, byte-reproducible, checked before writing."""
+
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, post, sample_payload
+
+from deploy import package, tarball
+from deploy.tritonserver import TritonServer
+from env import build, contract
+from sdmme.spec import MODELS
+
+
+@pytest.fixture(scope="session")
+def packed_env():
+    """env/sd_env.tar.gz from `make env`, built here (relocatable, a few minutes) when missing."""
+    if not build.OUTPUT.exists():
+        build.build("relocatable", "torch==2.13.0")
+    return build.OUTPUT, build.verified_manifest(build.OUTPUT)
+
+
+@pytest.fixture(scope="session")
+def dist(tiny_repository, packed_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    package.package(tiny_repository, sorted(MODELS), out, packed_env[0])
+    return out
+
+
+def test_extracted_archive_serves_from_its_own_environment(dist, packed_env, tmp_path):
+    models = tmp_path / "fresh"
+    models.mkdir()
+    with tarfile.open(dist / "sd_base.tar.gz") as tar:
+        tar.extractall(models, filter="tar")
+    # The server runs from a copy outside this venv, with a bare PATH; where allowed, the Python that
+    # built everything (interpreter, venv, repository) is hidden behind empty mounts.
+    wrap = contract.hiding([ROOT, Path(sys.prefix), Path(sys.base_prefix)])
+    with TritonServer(models, isolated=True, wrap=wrap, python_version=packed_env[1]["python"]) as server:
+        status, body = post(
+            server,
+            "/v2/models/sd_base/infer",
+            sample_payload(
+                prompt="a", gen_args=json.dumps({"num_inference_steps": 2, "height": 64, "width": 64})
+            ),
+        )
+        log = server.log_tail(200_000)
+    assert status == 200, body
+    assert body["outputs"][0]["shape"] == [1, 1]
+    # With a bare PATH the only Python that has torch is the archive's (its env is extracted by Triton).
+    assert "sd_base: loaded StableDiffusionPipeline" in log
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        assert wrap, "as root the build environment must be hidden for this proof"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_archive_layout_and_manifest(dist, packed_env, model):
+    env_archive, env_manifest = packed_env
+    with tarfile.open(dist / f"{model}.tar.gz") as tar:
+        names = tar.getnames()
+        assert {n.split("/")[0] for n in names} == {model}
+        config = tar.extractfile(f"{model}/config.pbtxt").read().decode()
+        manifest = json.load(tar.extractfile(f"{model}/sdmme-archive.json"))
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+    assert f'name: "{model}"' in config
+    assert 'string_value: "$$TRITON_MODEL_DIRECTORY/sd_env.tar.gz"' in config
+    assert f"{model}/1/model.py" in names and f"{model}/sd_env.tar.gz" in names
+    assert any(n.endswith(".safetensors") for n in names)
+    assert not any(n.endswith(package.PICKLE_SUFFIXES) for n in names)
+    assert manifest["python"] == env_manifest["python"] and manifest["model"] == model
+    assert manifest["env_sha256"] == tarball.sha256(env_archive) and manifest["weights"] == "tiny"
+
+
+def test_packaging_twice_gives_identical_bytes(tiny_repository, packed_env, dist, tmp_path):
+    package.package(tiny_repository, ["sd_upscale"], tmp_path, packed_env[0])
+    assert tarball.sha256(tmp_path / "sd_upscale.tar.gz") == tarball.sha256(dist / "sd_upscale.tar.gz")
+
+
+def fake_env(path, *, activate=True, manifest=True, libpython=True, python="/bin/false"):
+    """A small env archive with only the parts a test asks for."""
+    with tarfile.open(path, "w:gz") as tar:
+
+        def add(name, data=b"", mode=0o644):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+
+        if activate:
+            add("bin/activate", b'export PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd):$PATH"\n')
+            add("bin/python3", f'#!/bin/sh\nexec {python} "$@"\n'.encode(), 0o755)
+        if manifest:
+            add("sdmme-env.json", json.dumps({"python": "3.11", "builder": "test", "sdmme": "0"}).encode())
+        if libpython:
+            add("lib/libpython3.11.so.1.0")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ({"activate": False}, "environment has no bin/activate"),
+        ({"manifest": False}, "has no sdmme-env.json recording its Python version"),
+        ({"libpython": False}, "has no lib/libpython3.X.so.1.0"),
+        ({}, "the runtime does not import from the extracted environment"),
+    ],
+)
+def test_env_contract_failures_say_what_to_change(tmp_path, parts, message):
+    archive = fake_env(tmp_path / "env.tar.gz", **parts)
+    with pytest.raises(contract.ContractError, match=message.replace(".", "\\.")):
+        contract.verify(archive, hide=[])
+
+
+def test_env_with_foreign_modules_is_refused(tmp_path):
+    archive = fake_env(
+        tmp_path / "env.tar.gz", python=sys.executable
+    )  # this venv's Python: not self-contained
+    with pytest.raises(contract.ContractError, match="imported from outside the environment"):
+        contract.verify(archive, hide=[])
+
+
+def _break(folder, what):
+    if what == "no config":
+        (folder / "config.pbtxt").unlink()
+    elif what == "wrong name":
+        text = (folder / "config.pbtxt").read_text()
+        (folder / "config.pbtxt").write_text(text.replace(f'name: "{folder.name}"', 'name: "other"'))
+    elif what == "env already set":
+        with open(folder / "config.pbtxt", "a") as f:
+            f.write('parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "/x" } }\n')
+    elif what == "no model.py":
+        (folder / "1" / "model.py").unlink()
+    elif what == "no weights":
+        shutil.rmtree(folder / "1" / "weights")
+    elif what == "pickle":
+        (folder / "1" / "weights" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    elif what == "no safetensors":
+        for f in (folder / "1" / "weights").rglob("*.safetensors"):
+            f.unlink()
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("no config", "sd_base: .*config.pbtxt is missing"),
+        ("wrong name", 'config.pbtxt must say name: "sd_base"'),
+        ("env already set", "already sets EXECUTION_ENV_PATH"),
+        ("no model.py", "1/model.py is missing"),
+        ("no weights", "no weights in .*run `make weights`"),
+        ("pickle", "pickled files are never shipped .*diffusion_pytorch_model.bin"),
+        ("no safetensors", "holds no .safetensors files"),
+    ],
+)
+def test_failed_model_check_names_the_problem_and_writes_nothing(
+    tiny_repository, packed_env, tmp_path, what, message
+):
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repository)
+    _break(repository / "sd_base", what)
+    with pytest.raises(package.PackageError, match=message):
+        package.package(repository, ["sd_depth", "sd_base"], tmp_path / "dist", packed_env[0])
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_broken_or_missing_environment_stops_packaging(tiny_repository, tmp_path):
+    with pytest.raises(package.PackageError, match="missing: run `make env` first"):
+        package.package(tiny_repository, ["sd_base"], tmp_path / "dist", tmp_path / "none.tar.gz")
+    broken = fake_env(tmp_path / "env.tar.gz", activate=False)
+    with pytest.raises(package.PackageError, match="environment has no bin/activate"):
+        package.package(tiny_repository, ["sd_base"], tmp_path / "dist", broken)
+    assert not (tmp_path / "dist").exists()
