@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-hub serve serve-docker demo test lint docs clean
+.PHONY: venv weights weights-hub serve serve-docker demo test lint docs env package upload clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -50,6 +50,22 @@ lint: venv
 
 clean:
 	rm -rf out dist .pytest_cache
+
+# SageMaker MME artifacts: env/sd_env.tar.gz, dist/<model>.tar.gz, then s3://BUCKET/PREFIX/<model>.tar.gz
+BUCKET ?=
+PREFIX ?= sd-mme/models
+ENV_BUILDER ?= auto
+
+env: env/sd_env.tar.gz
+env/sd_env.tar.gz: pyproject.toml environment.yml $(wildcard sdmme/*.py) | $(VENV)/.installed
+	$(PY) -m env --builder $(ENV_BUILDER) --torch "$(TORCH)"
+
+package: weights env
+	$(PY) -m deploy.package
+
+upload: venv
+	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
+	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)"
 
 docs: venv
 	$(PY) -m sdmme.docs

@@ -1,0 +1,115 @@
+"""make upload against moto's S3 running as a real HTTP server."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import boto3
+import pytest
+from boto3.s3.transfer import TransferConfig
+from conftest import ROOT
+from moto.server import ThreadedMotoServer
+
+from deploy import tarball, upload
+from deploy.tritonserver import free_port
+
+BUCKET, PREFIX = "models", "sd-mme/v1"
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(moto_url, monkeypatch):
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    client = upload.s3_client()  # picks AWS_ENDPOINT_URL up, as boto3 does
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=BUCKET)
+
+
+def archive(path, model, payload: bytes):
+    """A small archive with the layout and manifest `make package` writes."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (
+            (f"{model}/sdmme-archive.json", json.dumps({"model": model, "python": "3.11"}).encode()),
+            (f"{model}/payload", payload),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_upload_skip_and_replace(s3, tmp_path):
+    files = [archive(tmp_path / f"{m}.tar.gz", m, m.encode() * 1000) for m in ("sd_base", "sd_depth")]
+    assert upload.upload(s3, files, BUCKET, PREFIX) == {
+        f"{PREFIX}/sd_base.tar.gz": "uploaded",
+        f"{PREFIX}/sd_depth.tar.gz": "uploaded",
+    }
+    head = s3.head_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_base.tar.gz")
+    assert head["Metadata"] == {"sha256": tarball.sha256(files[0]), "python": "3.11"}
+    assert set(upload.upload(s3, files, BUCKET, PREFIX).values()) == {"unchanged"}
+
+    archive(files[1], "sd_depth", b"changed" * 1000)
+    assert upload.upload(s3, files, BUCKET, PREFIX)[f"{PREFIX}/sd_depth.tar.gz"] == "uploaded"
+    body = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_depth.tar.gz")["Body"].read()
+    assert body == files[1].read_bytes()
+
+
+def test_failed_multipart_upload_leaves_nothing_and_reruns(s3, tmp_path):
+    big = archive(tmp_path / "sd_upscale.tar.gz", "sd_upscale", os.urandom(12 * 1024 * 1024))
+    config = TransferConfig(
+        multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024, max_concurrency=1
+    )
+    sent = []
+
+    def fail_midway(n):
+        sent.append(n)
+        if sum(sent) > 6 * 1024 * 1024:
+            raise ConnectionError("network dropped")
+
+    with pytest.raises(ConnectionError):
+        upload.upload(s3, [big], BUCKET, PREFIX, config=config, callback=fail_midway)
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+    assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    assert upload.upload(s3, [big], BUCKET, PREFIX, config=config) == {
+        f"{PREFIX}/sd_upscale.tar.gz": "uploaded"
+    }
+
+
+def test_make_upload_command_line(s3, tmp_path):
+    archive(tmp_path / "sd_base.tar.gz", "sd_base", b"x")
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.upload",
+        "--bucket",
+        BUCKET,
+        "--prefix",
+        PREFIX,
+        "--dist",
+        str(tmp_path),
+    ]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "uploaded" in first.stderr and "unchanged" in second.stderr
+    assert f"ModelDataUrl: s3://{BUCKET}/{PREFIX}/" in second.stdout
+    assert boto3.client("s3").head_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_base.tar.gz")
