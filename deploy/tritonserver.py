@@ -125,11 +125,16 @@ class TritonServer:
         wrap: list[str] = (),
         isolated: bool = False,
         python_version: str | None = None,
+        ready_port: int | None = None,
+        ready_path: str = "/v2/health/ready",
+        env: dict[str, str] | None = None,
     ):
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         prepare_backends(self.workdir, python_version)
         server, self.env = isolate(self.workdir) if isolated else (binary(), environment())
+        self.env.update(env or {})
         self.http_port, self.grpc_port, self.metrics_port = ports or (free_port(), free_port(), free_port())
+        self.ready_url = f"http://127.0.0.1:{ready_port or self.http_port}{ready_path}"
         self.cmd = list(wrap) + command(
             server,
             model_repository,
@@ -146,22 +151,22 @@ class TritonServer:
     def url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 180.0, ready_path: str = "/v2/health/ready") -> TritonServer:
+    def start(self, timeout: float = 180.0) -> TritonServer:
         log.info("starting %s (log: %s)", " ".join(self.cmd), self.log_file)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(
                 self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.wait_ready(timeout, ready_path)
+        self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float, path: str) -> None:
+    def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:

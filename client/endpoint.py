@@ -1,0 +1,65 @@
+"""SageMaker endpoints through boto3 `invoke_endpoint` with `TargetModel` (the AWS sample's call)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Dict, Optional
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from client.base import Client, ModelError
+
+log = logging.getLogger("client")
+# A cold model is downloaded and loaded on its first request: wait, then retry what says "not yet".
+RETRYABLE = {
+    "ModelNotReadyException",
+    "ServiceUnavailable",
+    "ThrottlingException",
+    "InternalDependencyException",
+}
+
+
+class EndpointClient(Client):
+    def __init__(
+        self,
+        endpoint_name: str,
+        endpoint_url: Optional[str] = None,
+        region: Optional[str] = None,
+        retries: int = 5,
+        read_timeout: float = 900.0,
+    ):
+        config = Config(read_timeout=read_timeout, retries={"max_attempts": 3, "mode": "adaptive"})
+        self.runtime = boto3.client(
+            "sagemaker-runtime", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+        self.endpoint_name, self.retries = endpoint_name, retries
+
+    def infer(self, model: str, body: Dict[str, Any]) -> Dict[str, Any]:
+        attempt = 0
+        while True:
+            try:
+                response = self.runtime.invoke_endpoint(
+                    EndpointName=self.endpoint_name,
+                    TargetModel=f"{model}.tar.gz",
+                    ContentType="application/json",
+                    Accept="application/json",
+                    Body=json.dumps(body),
+                )
+                return json.loads(response["Body"].read())
+            except ClientError as e:
+                code = e.response["Error"]["Code"]
+                if code == "ModelError":
+                    status = int(e.response.get("OriginalStatusCode") or 500)
+                    raise ModelError(status, e.response.get("OriginalMessage") or str(e)) from None
+                if code in RETRYABLE and attempt < self.retries:
+                    delay = min(2**attempt, 30)
+                    log.warning("%s from %s, retrying in %ds", code, model, delay)
+                    time.sleep(delay)
+                    attempt += 1
+                    continue
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+                raise ModelError(status, f"{code}: {e.response['Error'].get('Message', '')}") from None

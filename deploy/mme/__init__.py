@@ -1,0 +1,1 @@
+"""A local SageMaker multi-model endpoint around tritonserver's own SageMaker front end."""

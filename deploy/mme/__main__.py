@@ -1,0 +1,51 @@
+"""`make mme BUCKET=... PREFIX=... MME_PORT=8080`: a local SageMaker multi-model endpoint in the foreground.
+
+boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:8080").invoke_endpoint(
+    EndpointName="sd-mme", TargetModel="sd_base.tar.gz", ContentType="application/json", Body=...)
+"""
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from deploy.mme.service import LocalEndpoint
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--prefix", default="sd-mme/models", help="ModelDataUrl is s3://BUCKET/PREFIX/")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--endpoint-name", default="sd-mme")
+    parser.add_argument(
+        "--max-models", type=int, default=4, help="models kept loaded; the LRU one is unloaded"
+    )
+    parser.add_argument(
+        "--root", type=Path, help="where archives are extracted (default: a temporary folder)"
+    )
+    parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
+    args = parser.parse_args()
+    root = args.root or Path(tempfile.mkdtemp(prefix="sdmme-mme-"))
+    with LocalEndpoint(
+        args.bucket,
+        args.prefix,
+        root,
+        args.port,
+        args.endpoint_name,
+        args.max_models,
+        s3_endpoint_url=args.endpoint_url,
+    ) as endpoint:
+        print(
+            f"local MME {args.endpoint_name} on {endpoint.url} serving s3://{args.bucket}/{args.prefix}/ "
+            "(Ctrl-C stops)",
+            flush=True,
+        )
+        endpoint.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

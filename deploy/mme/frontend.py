@@ -1,0 +1,89 @@
+"""Talking to tritonserver's SageMaker front end the way the SageMaker platform does (shared/FACTS.md)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Tuple
+
+from deploy.tritonserver import TritonServer
+
+TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
+
+# What SageMaker's Triton container passes for a multi-model endpoint.
+SAGEMAKER_FLAGS = [
+    "--allow-sagemaker=true",
+    "--allow-http=false",
+    "--allow-grpc=false",
+    "--allow-metrics=false",
+    "--model-control-mode=explicit",
+    "--model-namespacing=true",
+    "--backend-config=python,shm-default-byte-size=16777216",
+    "--backend-config=python,shm-growth-byte-size=1048576",
+]
+
+
+def server(empty_repository: Path, port: int, log_file: Path) -> TritonServer:
+    """tritonserver in SageMaker mode; models run only from the environments their archives carry."""
+    empty_repository.mkdir(parents=True, exist_ok=True)
+    return TritonServer(
+        empty_repository,
+        extra=SAGEMAKER_FLAGS + [f"--sagemaker-port={port}"],
+        log_file=log_file,
+        isolated=True,
+        ready_port=port,
+        ready_path="/ping",
+        env={"SAGEMAKER_TRITON_PING_MODE": "live", "SAGEMAKER_MULTI_MODEL": "true"},
+    )
+
+
+class FrontEnd:
+    def __init__(self, port: int, timeout: float = 60.0):
+        self.base = f"http://127.0.0.1:{port}"
+        self.timeout = timeout
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        target: str,
+        body: bytes = b"",
+        headers: Dict[str, str] = None,
+        timeout: float = None,
+    ) -> Tuple[int, bytes, Dict[str, str]]:
+        request = urllib.request.Request(
+            self.base + path,
+            data=body or None,
+            method=method,
+            headers={TARGET_HEADER: target, **(headers or {})},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+
+    def load(self, name: str, url: Path, target: str, timeout: float) -> Tuple[int, bytes]:
+        body = json.dumps({"model_name": name, "url": str(url)}).encode()
+        status, data, _ = self._call(
+            "POST", "/models", target, body, {"Content-Type": "application/json"}, timeout
+        )
+        return status, data
+
+    def invoke(
+        self, name: str, target: str, body: bytes, content_type: str
+    ) -> Tuple[int, bytes, Dict[str, str]]:
+        return self._call("POST", f"/models/{name}/invoke", target, body, {"Content-Type": content_type})
+
+    def unload(self, name: str, target: str) -> int:
+        # Always with the target header: without it DELETE blocks for minutes and orphans the stub.
+        return self._call("DELETE", f"/models/{name}", target, timeout=300)[0]
+
+    def ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base + "/ping", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False

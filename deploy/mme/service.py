@@ -1,0 +1,69 @@
+"""The local MME as one object: tritonserver in SageMaker mode plus the endpoint in front of it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Optional
+
+from deploy.mme import endpoint, frontend
+from deploy.tritonserver import free_port
+from deploy.upload import s3_client
+
+log = logging.getLogger("mme")
+
+
+class LocalEndpoint:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        root: Path,
+        port: int = 0,
+        endpoint_name: str = "sd-mme",
+        max_models: int = 4,
+        s3_endpoint_url: Optional[str] = None,
+    ):
+        self.root = root
+        self.triton_port = free_port()
+        self.triton = frontend.server(root / "empty-repository", self.triton_port, root / "tritonserver.log")
+        manager = endpoint.ModelManager(
+            s3_client(s3_endpoint_url),
+            bucket,
+            prefix,
+            root / "models",
+            frontend.FrontEnd(self.triton_port),
+            max_models,
+        )
+        self.http = endpoint.EndpointServer(("127.0.0.1", port), manager, endpoint_name)
+        self.manager = manager
+
+    @property
+    def url(self) -> str:
+        host, port = self.http.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> LocalEndpoint:
+        log.info("starting tritonserver in SageMaker mode (log: %s)", self.triton.log_file)
+        self.triton.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.http.serve_forever()
+
+    def serve_in_background(self) -> LocalEndpoint:
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.manager.unload_all()
+        self.triton.stop()
+
+    def __enter__(self) -> LocalEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
