@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-hub serve serve-docker demo test lint docs env package upload clean
+.PHONY: venv weights weights-hub serve serve-docker demo test lint docs env package upload mme deploy teardown iam-policy clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -66,6 +66,30 @@ package: weights env
 upload: venv
 	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
 	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)"
+
+# Local SageMaker MME on MME_PORT, models from s3://BUCKET/PREFIX/ (S3 via AWS_ENDPOINT_URL when set).
+MME_PORT ?= 8080
+MAX_MODELS ?= 4
+mme: venv
+	@test -n "$(BUCKET)" || (echo "usage: make mme BUCKET=my-bucket [PREFIX=...] [MME_PORT=8080]"; exit 2)
+	$(PY) -m deploy.mme --bucket "$(BUCKET)" --prefix "$(PREFIX)" --port $(MME_PORT) --max-models $(MAX_MODELS)
+
+# The real SageMaker endpoint (needs AWS credentials and an execution role: make iam-policy).
+ENDPOINT ?= sd-mme
+INSTANCE_TYPE ?= ml.g5.xlarge
+INSTANCE_COUNT ?= 1
+IMAGE_TAG ?= 24.09
+AUTOSCALE ?=
+deploy: venv
+	@test -n "$(BUCKET)" -a -n "$(ROLE_ARN)" || (echo "usage: make deploy BUCKET=... ROLE_ARN=... [PREFIX=...] [INSTANCE_TYPE=...] [AUTOSCALE='--min-instances 1 --max-instances 4']"; exit 2)
+	$(PY) -m deploy.sagemaker deploy --name $(ENDPOINT) --bucket "$(BUCKET)" --prefix "$(PREFIX)" --role-arn "$(ROLE_ARN)" \
+	  --image-tag $(IMAGE_TAG) --instance-type $(INSTANCE_TYPE) --instance-count $(INSTANCE_COUNT) $(AUTOSCALE)
+
+teardown: venv
+	$(PY) -m deploy.sagemaker teardown --name $(ENDPOINT)
+
+iam-policy: venv
+	@$(PY) -m deploy.sagemaker iam-policy --bucket "$(BUCKET)" --prefix "$(PREFIX)"
 
 docs: venv
 	$(PY) -m sdmme.docs

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from client.triton import TritonClient
-from deploy.tritonserver import TritonServer
+from deploy import package
+from deploy.tritonserver import TritonServer, free_port
+from env import build
 from sdmme import weights
 from sdmme.spec import MODELS
 
@@ -41,6 +43,48 @@ def server(tiny_repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     with TritonServer(tiny_repository, log_file=log_file) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def packed_env():
+    """env/sd_env.tar.gz from `make env`, built here (relocatable, a few minutes) when missing."""
+    if not build.OUTPUT.exists():
+        build.build("relocatable", "torch==2.13.0")
+    return build.OUTPUT, build.verified_manifest(build.OUTPUT)
+
+
+@pytest.fixture(scope="session")
+def dist(tiny_repository, packed_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    package.package(tiny_repository, sorted(MODELS), out, packed_env[0])
+    return out
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    """moto's S3 and SageMaker APIs as a real HTTP server on loopback."""
+    import moto_sagemaker
+    from moto.server import ThreadedMotoServer
+
+    moto_sagemaker.install()
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def aws(moto_url, monkeypatch):
+    """AWS settings pointing boto3 at moto (AWS_ENDPOINT_URL, as a user would for a local S3)."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    return moto_url
 
 
 @pytest.fixture(scope="session")

@@ -13,23 +13,8 @@ from conftest import ROOT, post, sample_payload
 
 from deploy import package, tarball
 from deploy.tritonserver import TritonServer
-from env import build, contract
+from env import contract
 from sdmme.spec import MODELS
-
-
-@pytest.fixture(scope="session")
-def packed_env():
-    """env/sd_env.tar.gz from `make env`, built here (relocatable, a few minutes) when missing."""
-    if not build.OUTPUT.exists():
-        build.build("relocatable", "torch==2.13.0")
-    return build.OUTPUT, build.verified_manifest(build.OUTPUT)
-
-
-@pytest.fixture(scope="session")
-def dist(tiny_repository, packed_env, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    package.package(tiny_repository, sorted(MODELS), out, packed_env[0])
-    return out
 
 
 def test_extracted_archive_serves_from_its_own_environment(dist, packed_env, tmp_path):

@@ -11,21 +11,10 @@ import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 from conftest import ROOT
-from moto.server import ThreadedMotoServer
 
 from deploy import tarball, upload
-from deploy.tritonserver import free_port
 
 BUCKET, PREFIX = "models", "sd-mme/v1"
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture()

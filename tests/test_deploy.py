@@ -1,0 +1,129 @@
+"""make deploy / make teardown against moto's SageMaker API (a real HTTP server)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import boto3
+import pytest
+from conftest import ROOT
+
+from deploy import containers, sagemaker
+from deploy.upload import PYTHON_KEY, SHA_KEY
+
+BUCKET, PREFIX, ROLE = "deploy-models", "sd/v2", "arn:aws:iam::123456789012:role/sd-mme"
+# moto's SageMaker API refuses ml.g5.* (the real default); any type it knows exercises the same calls.
+MOTO_INSTANCE = "ml.m5.xlarge"
+
+
+@pytest.fixture()
+def archives(aws):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    for model in ("sd_base", "sd_depth"):
+        s3.put_object(
+            Bucket=BUCKET,
+            Key=f"{PREFIX}/{model}.tar.gz",
+            Body=b"archive",
+            Metadata={SHA_KEY: "0", PYTHON_KEY: containers.python_for(containers.DEFAULT_TAG)},
+        )
+    yield s3
+    for obj in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    s3.delete_bucket(Bucket=BUCKET)
+
+
+def settings(**changes):
+    values = dict(
+        name="sd-test",
+        bucket=BUCKET,
+        prefix=PREFIX,
+        role_arn=ROLE,
+        region="us-east-1",
+        instance_type=MOTO_INSTANCE,
+    )
+    values.update(changes)
+    return sagemaker.Settings(**values)
+
+
+def test_image_table():
+    assert containers.python_for("24.09") == "3.10" and containers.python_for("24.11") == "3.12"
+    assert containers.python_for("23.02") == "3.8" and containers.python_for("25.04") == "3.12"
+    assert containers.image_uri("eu-west-1") == (
+        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/sagemaker-tritonserver:24.09-py3"
+    )
+    assert sagemaker.Settings("n", "b", "p", "r", "us-east-1").instance_type == "ml.g5.xlarge"
+
+
+def test_deploy_update_autoscale_and_teardown(archives, capsys):
+    sm = boto3.client("sagemaker")
+    first = sagemaker.deploy(settings(), poll=0)
+    endpoint = sm.describe_endpoint(EndpointName="sd-test")
+    assert (
+        endpoint["EndpointStatus"] == "InService"
+        and endpoint["EndpointConfigName"] == first["endpoint_config"]
+    )
+    container = sm.describe_model(ModelName=first["model"])["PrimaryContainer"]
+    assert container["Mode"] == "MultiModel" and container["ModelDataUrl"] == f"s3://{BUCKET}/{PREFIX}/"
+    assert container["Image"].endswith("sagemaker-tritonserver:24.09-py3")
+    assert container["Environment"]["SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE"] == "16777216"
+
+    time.sleep(1.1)  # a new timestamped name for the new configuration
+    second = sagemaker.deploy(settings(instance_count=2, min_instances=1, max_instances=3), poll=0.1)
+    endpoint = sm.describe_endpoint(EndpointName="sd-test")
+    assert endpoint["EndpointConfigName"] == second["endpoint_config"] != first["endpoint_config"]
+    assert "endpoint sd-test: Updating" in capsys.readouterr().err  # waited through the update
+    variant = sm.describe_endpoint_config(EndpointConfigName=second["endpoint_config"])["ProductionVariants"][
+        0
+    ]
+    assert variant["InitialInstanceCount"] == 2
+    names = [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]]
+    assert first["endpoint_config"] not in names  # the replaced configuration and model are removed
+    aas = boto3.client("application-autoscaling")
+    target = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"][0]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 3)
+    policy = aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"][0]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+
+    sagemaker.teardown("sd-test", "us-east-1")
+    assert not sm.list_endpoints()["Endpoints"]
+    assert not [
+        c
+        for c in sm.list_endpoint_configs()["EndpointConfigs"]
+        if c["EndpointConfigName"].startswith("sd-test")
+    ]
+    assert not [m for m in sm.list_models()["Models"] if m["ModelName"].startswith("sd-test")]
+    assert not aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+
+
+def test_deploy_refuses_archives_with_another_python(archives):
+    archives.put_object(
+        Bucket=BUCKET, Key=f"{PREFIX}/sd_upscale.tar.gz", Body=b"x", Metadata={PYTHON_KEY: "3.11"}
+    )
+    with pytest.raises(sagemaker.DeployError) as e:
+        sagemaker.deploy(settings(), poll=0)
+    message = str(e.value)
+    assert "runs Python 3.10" in message and "sd_upscale.tar.gz: environment Python 3.11" in message
+    assert "Fix:" in message
+    assert not boto3.client("sagemaker").list_models()["Models"]  # nothing was created
+
+
+def test_deploy_refuses_an_empty_prefix(aws):
+    boto3.client("s3").create_bucket(Bucket="empty-models")
+    with pytest.raises(sagemaker.DeployError, match="no model archives under s3://empty-models/none/"):
+        sagemaker.deploy(settings(bucket="empty-models", prefix="none"), poll=0)
+
+
+def test_iam_policy_reads_only_the_prefix():
+    out = subprocess.run(
+        [sys.executable, "-m", "deploy.sagemaker", "iam-policy", "--bucket", "b", "--prefix", "p/q"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    statements = {s["Sid"]: s for s in json.loads(out)["Statement"]}
+    assert statements["ReadModelArchives"]["Resource"] == ["arn:aws:s3:::b/p/q/*"]
+    assert statements["ReadModelArchives"]["Action"] == ["s3:GetObject"]
+    assert not any("s3:PutObject" in s["Action"] for s in statements.values())

@@ -1,0 +1,192 @@
+"""The local MME end to end: moto S3 over HTTP, the endpoint, tritonserver in SageMaker mode, boto3."""
+
+import base64
+import io
+import json
+import tarfile
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from conftest import b64, picture, sample_payload
+from PIL import Image
+
+from client import EndpointClient
+from client.cli import main as cli
+from deploy import upload
+from deploy.mme.service import LocalEndpoint
+
+BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
+FAST = json.dumps({"num_inference_steps": 2, "seed": 1})
+
+
+def bad_archives(folder):
+    corrupt = folder / "corrupt.tar.gz"
+    corrupt.write_bytes(b"\x1f\x8b definitely not gzip")
+    traversal = folder / "traversal.tar.gz"
+    with tarfile.open(traversal, "w:gz") as tar:
+        for name in ("evil/config.pbtxt", "evil/../../../escaped.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"boom"))
+    return [corrupt, traversal]
+
+
+@pytest.fixture(scope="module")
+def mme(dist, moto_url, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": moto_url,
+        }.items():
+            env.setenv(key, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        extra = bad_archives(tmp_path_factory.mktemp("bad"))
+        s3.upload_file(str(extra[0]), BUCKET, f"{PREFIX}/corrupt.tar.gz")
+        s3.upload_file(str(extra[1]), BUCKET, f"{PREFIX}/traversal.tar.gz")
+        upload.upload(s3, sorted(dist.glob("*.tar.gz")), BUCKET, PREFIX)
+        root = tmp_path_factory.mktemp("mme")
+        with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
+            endpoint.serve_in_background()
+            endpoint.runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url)
+            yield endpoint
+
+
+def invoke(endpoint, target, **values):
+    """The AWS sample notebook's call, unchanged apart from endpoint_url."""
+    response = endpoint.runtime.invoke_endpoint(
+        EndpointName=NAME,
+        ContentType="application/octet-stream",
+        Body=json.dumps(sample_payload(**values)),
+        TargetModel=target,
+    )
+    output = json.loads(response["Body"].read().decode("utf8"))["outputs"]
+    return Image.open(io.BytesIO(base64.b64decode(output[0]["data"][0])))
+
+
+def loads_in_log(endpoint, target):
+    """Loads that tritonserver itself reports (the SageMaker front end namespaces names by path)."""
+    lines = (endpoint.root / "tritonserver.log").read_text().splitlines()
+    return sum(1 for line in lines if "successfully loaded" in line and line.endswith(f"::{target}'\""))
+
+
+def test_aws_sample_calls_each_model(mme):
+    image = b64(picture(64, 64, fmt="JPEG"))
+    assert invoke(
+        mme,
+        "sd_base.tar.gz",
+        prompt="a",
+        negative_prompt="b",
+        gen_args=json.dumps({"num_inference_steps": 2, "height": 64, "width": 64}),
+    ).size == (64, 64)
+    assert invoke(mme, "sd_depth.tar.gz", prompt="a", image=image, gen_args=FAST).size == (64, 64)
+    assert invoke(
+        mme, "sd_inpaint.tar.gz", prompt="a", image=image, mask_image=b64(picture(64, 64)), gen_args=FAST
+    ).size == (64, 64)
+    assert invoke(mme, "sd_upscale.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args=FAST).size == (
+        128,
+        128,
+    )
+    # a limit of 2: the first two were unloaded on the way
+    assert mme.manager.loaded() == ["sd_inpaint.tar.gz", "sd_upscale.tar.gz"]
+
+
+def test_limit_unloads_lru_and_reloads_transparently(mme):
+    before = loads_in_log(mme, "sd_base.tar.gz")
+    assert invoke(
+        mme,
+        "sd_base.tar.gz",
+        prompt="again",
+        gen_args=json.dumps({"num_inference_steps": 2, "height": 64, "width": 64}),
+    )
+    assert mme.manager.loaded() == ["sd_upscale.tar.gz", "sd_base.tar.gz"]
+    assert loads_in_log(mme, "sd_base.tar.gz") == before + 1
+    # switching between loaded models loads nothing
+    invoke(mme, "sd_upscale.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args=FAST)
+    assert mme.manager.loaded() == ["sd_base.tar.gz", "sd_upscale.tar.gz"]
+
+
+def test_concurrent_first_requests_load_once(mme):
+    target = "sd_depth.tar.gz"
+    assert target not in mme.manager.loaded()
+    before = loads_in_log(mme, target)
+    image = b64(picture(64, 64))
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(
+            pool.map(lambda i: invoke(mme, target, prompt=f"p{i}", image=image, gen_args=FAST).size, range(4))
+        )
+    assert sizes == [(64, 64)] * 4
+    assert loads_in_log(mme, target) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("missing.tar.gz", "Failed to download model data(bucket: mme-models, key: sd/v1/missing.tar.gz)"),
+        ("corrupt.tar.gz", "Failed to extract model data for corrupt.tar.gz: cannot extract"),
+        ("traversal.tar.gz", "is outside the destination"),
+    ],
+)
+def test_bad_archives_are_refused_and_others_still_served(mme, target, message):
+    with pytest.raises(ClientError) as e:
+        invoke(mme, target, prompt="a")
+    assert e.value.response["Error"]["Code"] == "ValidationError"
+    assert message in e.value.response["Error"]["Message"]
+    assert not (mme.root / "escaped.txt").exists() and not (mme.root.parent / "escaped.txt").exists()
+    assert invoke(mme, "sd_upscale.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args=FAST).size == (
+        128,
+        128,
+    )
+
+
+def test_model_error_carries_the_original_status(mme):
+    with pytest.raises(ClientError) as e:
+        invoke(
+            mme, "sd_upscale.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args='{"noise_level": 999}'
+        )
+    error = e.value.response
+    assert error["Error"]["Code"] == "ModelError" and error["ResponseMetadata"]["HTTPStatusCode"] == 424
+    assert error["OriginalStatusCode"] == 400 and "gen_args.noise_level=999" in error["OriginalMessage"]
+
+
+def test_wrong_endpoint_name_and_ping(mme):
+    with pytest.raises(ClientError) as e:
+        mme.runtime.invoke_endpoint(EndpointName="other", TargetModel="sd_base.tar.gz", Body=b"{}")
+    assert e.value.response["Error"]["Code"] == "ValidationError" and "other" in str(e.value)
+    with urllib.request.urlopen(mme.url + "/ping") as r:
+        assert r.status == 200
+
+
+def test_endpoint_client_and_cli(mme, tmp_path):
+    client = EndpointClient(NAME, endpoint_url=mme.url, region="us-east-1")
+    [image] = client.upscale(picture(32, 32), "sharp", num_inference_steps=2)
+    assert image.size == (128, 128)
+    with pytest.raises(Exception) as e:
+        client.upscale(picture(32, 32), noise_level=400)
+    assert getattr(e.value, "status", None) == 400
+    code = cli(
+        [
+            "--endpoint-name",
+            NAME,
+            "--endpoint-url",
+            mme.url,
+            "--region",
+            "us-east-1",
+            "--out",
+            str(tmp_path),
+            "txt2img",
+            "a",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--num-inference-steps",
+            "2",
+        ]
+    )
+    assert code == 0 and Image.open(tmp_path / "txt2img-0.jpg").size == (64, 64)
