@@ -74,8 +74,7 @@ def moto_url():
     server.stop()
 
 
-@pytest.fixture()
-def aws(moto_url, monkeypatch):
+def point_aws_at(moto_url: str, patch: pytest.MonkeyPatch) -> None:
     """AWS settings pointing boto3 at moto (AWS_ENDPOINT_URL, as a user would for a local S3)."""
     for key, value in {
         "AWS_ACCESS_KEY_ID": "test",
@@ -83,7 +82,12 @@ def aws(moto_url, monkeypatch):
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": moto_url,
     }.items():
-        monkeypatch.setenv(key, value)
+        patch.setenv(key, value)
+
+
+@pytest.fixture()
+def aws(moto_url, monkeypatch):
+    point_aws_at(moto_url, monkeypatch)
     return moto_url
 
 

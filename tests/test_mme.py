@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from conftest import b64, picture, sample_payload
+from conftest import b64, picture, point_aws_at, sample_payload
 from PIL import Image
 
 from client import EndpointClient
@@ -36,14 +36,8 @@ def bad_archives(folder):
 
 @pytest.fixture(scope="module")
 def mme(dist, moto_url, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": moto_url,
-        }.items():
-            env.setenv(key, value)
+    with pytest.MonkeyPatch.context() as patch:
+        point_aws_at(moto_url, patch)
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket=BUCKET)
         extra = bad_archives(tmp_path_factory.mktemp("bad"))

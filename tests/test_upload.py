@@ -18,14 +18,7 @@ BUCKET, PREFIX = "models", "sd-mme/v1"
 
 
 @pytest.fixture()
-def s3(moto_url, monkeypatch):
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto_url,
-    }.items():
-        monkeypatch.setenv(key, value)
+def s3(aws):
     client = upload.s3_client()  # picks AWS_ENDPOINT_URL up, as boto3 does
     client.create_bucket(Bucket=BUCKET)
     yield client
