@@ -112,18 +112,21 @@ def plan(jobs: List[Job], max_images: int = MAX_IMAGES_PER_CALL) -> List[List[Jo
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
-def execute(runner, jobs: List[Job]) -> Iterator[Tuple[List[Job], Union[List[List[Any]], Exception]]]:
+def execute(
+    runner, jobs: List[Job], label: str = ""
+) -> Iterator[Tuple[List[Job], Union[List[List[Any]], Exception]]]:
     """Run every group; yields (group, images per job) or (group, the exception that failed it alone)."""
     for group in plan(jobs):
         start = time.monotonic()
         try:
             results = run(runner, group)
         except Exception as e:  # one failed group must not fail the others
-            log.error("batch of %d request(s) failed:\n%s", len(group), traceback.format_exc())
+            log.error("%s: batch of %d request(s) failed:\n%s", label, len(group), traceback.format_exc())
             yield group, e
             continue
         log.info(
-            "%d request(s), %d image(s) in one call, %.2fs",
+            "%s: %d request(s), %d image(s) in one call, %.2fs",
+            label,
             len(group),
             sum(len(j.seeds) for j in group),
             time.monotonic() - start,

@@ -54,7 +54,7 @@ class DiffusionModel:
                 jobs.append(batching.parse(self.spec, i, inputs))
             except InvalidInput as e:
                 responses[i] = _error(str(e), pb_utils.TritonError.INVALID_ARG)
-        for group, outcome in batching.execute(self.runner, jobs):
+        for group, outcome in batching.execute(self.runner, jobs, self.spec.name):
             if isinstance(outcome, Exception):
                 if isinstance(outcome, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()

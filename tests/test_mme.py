@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import logging
+import shutil
 import tarfile
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from PIL import Image
 
 from client import EndpointClient
 from client.cli import main as cli
-from deploy import upload
+from deploy import tarball, upload
 from deploy.mme.service import LocalEndpoint
 
 BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
@@ -34,8 +36,43 @@ def bad_archives(folder):
     return [corrupt, traversal]
 
 
+OOM_CONFIG = """name: "oom_model"
+backend: "python"
+max_batch_size: 8
+input [ { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "generated_image" data_type: TYPE_STRING dims: [ -1 ] } ]
+parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "$$TRITON_MODEL_DIRECTORY/sd_env.tar.gz" } }
+"""
+# Runs out of memory on its first load only, as a model does when the GPU is full of other models.
+OOM_MODEL = """import os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        marker = os.path.join(args["model_repository"], "tried")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise MemoryError("CUDA out of memory (the test model's first load)")
+
+    def execute(self, requests):
+        out = np.array([[b"loaded"]], dtype=np.object_)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("generated_image", out)]) for _ in requests]
+"""
+
+
+def oom_archive(folder, env_archive):
+    model = folder / "oom_model"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(OOM_CONFIG)
+    (model / "1" / "model.py").write_text(OOM_MODEL)
+    shutil.copy(env_archive, model / "sd_env.tar.gz")
+    return tarball.write(folder / "oom_model.tar.gz", [(model, "oom_model")], "oom_model", compresslevel=1)
+
+
 @pytest.fixture(scope="module")
-def mme(dist, moto_url, tmp_path_factory):
+def mme(dist, packed_env, moto_url, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         point_aws_at(moto_url, patch)
         s3 = boto3.client("s3")
@@ -43,6 +80,8 @@ def mme(dist, moto_url, tmp_path_factory):
         extra = bad_archives(tmp_path_factory.mktemp("bad"))
         s3.upload_file(str(extra[0]), BUCKET, f"{PREFIX}/corrupt.tar.gz")
         s3.upload_file(str(extra[1]), BUCKET, f"{PREFIX}/traversal.tar.gz")
+        oom = oom_archive(tmp_path_factory.mktemp("oom"), packed_env[0])
+        s3.upload_file(str(oom), BUCKET, f"{PREFIX}/oom_model.tar.gz")
         upload.upload(s3, sorted(dist.glob("*.tar.gz")), BUCKET, PREFIX)
         root = tmp_path_factory.mktemp("mme")
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
@@ -136,6 +175,19 @@ def test_bad_archives_are_refused_and_others_still_served(mme, target, message):
         128,
         128,
     )
+
+
+def test_out_of_memory_load_evicts_and_retries(mme, caplog):
+    assert len(mme.manager.loaded()) == 2
+    with caplog.at_level(logging.INFO, logger="mme"):
+        response = mme.runtime.invoke_endpoint(
+            EndpointName=NAME, TargetModel="oom_model.tar.gz", Body=json.dumps(sample_payload(prompt="a"))
+        )
+    assert json.loads(response["Body"].read())["outputs"][0]["data"] == ["loaded"]
+    # the 507 made room beyond the limit's own eviction: only the retried model is left
+    assert mme.manager.loaded() == ["oom_model.tar.gz"]
+    assert "oom_model.tar.gz: load answered 507 (out of memory); evicted a model, retrying" in caplog.text
+    assert loads_in_log(mme, "oom_model.tar.gz") == 1
 
 
 def test_model_error_carries_the_original_status(mme):
