@@ -36,7 +36,8 @@ serve-docker:
 	docker run --gpus all --rm --shm-size=1g \
 	  -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
 	  -v "$(CURDIR)":/src -w /src $(TRITON_IMAGE) \
-	  bash -c "pip install '/src[runtime]' xformers && tritonserver --model-repository=/src/model_repository"
+	  bash -c "pip install --extra-index-url https://download.pytorch.org/whl/cu121 torch==2.5.1 xformers==0.0.28.post3 '/src[runtime]' \
+	    && tritonserver --model-repository=/src/model_repository"
 
 demo: weights
 	$(PY) -m client.demo

@@ -211,6 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = prepare_backends(Path(tempfile.mkdtemp(prefix="tritonserver-")))
     cmd = command(
+        binary(),
         args.model_repository.resolve(),
         workdir,
         args.http_port,

@@ -3,14 +3,22 @@
 import base64
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import b64, get, picture, post, sample_payload
+from conftest import ROOT, b64, get, picture, post, sample_payload
 from PIL import Image
 
 from client import ModelError
+from deploy.tritonserver import free_port
 from sdmme.spec import MODELS, SCHEDULERS
 
 FAST = {"num_inference_steps": 2}
@@ -187,3 +195,46 @@ def test_client_raises_model_error(client):
     with pytest.raises(ModelError) as e:
         client.upscale(picture(64, 64), noise_level=351)
     assert e.value.status == 400 and "gen_args.noise_level=351" in e.value.message
+
+
+def test_make_serve_command_serves_the_aws_payload(tiny_repository):
+    """`make serve` runs `python -m deploy.tritonserver`: the same server, in the foreground."""
+    ports = [free_port() for _ in range(3)]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deploy.tritonserver",
+            "--model-repository",
+            str(tiny_repository),
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = SimpleNamespace(url=f"127.0.0.1:{ports[0]}")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"http://{server.url}/v2/models/sd_upscale/ready", timeout=5
+                ) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        payload = sample_payload(prompt="a", image=b64(picture(32, 32)), gen_args=json.dumps(FAST))
+        status, body = post(server, "/v2/models/sd_upscale/infer", payload)
+        assert status == 200 and body["outputs"][0]["shape"] == [1, 1]
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        output = process.communicate(timeout=60)[0].decode()
+    assert f"on http://127.0.0.1:{ports[0]}" in output
