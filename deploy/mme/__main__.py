@@ -6,13 +6,20 @@ boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:8080").invoke_e
 
 import argparse
 import logging
+import signal
 import tempfile
 from pathlib import Path
 
 from deploy.mme.service import LocalEndpoint
 
 
+def _stop(signum, frame):
+    raise SystemExit(f"local MME: stopping on signal {signum} (models unloaded, tritonserver stopped)")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # also when started in the background, where SIGINT is ignored
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
