@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-hub serve serve-docker demo test lint docs env package upload mme deploy teardown iam-policy clean
+.PHONY: venv weights weights-hub serve serve-docker demo test lint docs env package upload mme deploy teardown iam-policy bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -91,6 +91,9 @@ teardown: venv
 
 iam-policy: venv
 	@$(PY) -m deploy.sagemaker iam-policy --bucket "$(BUCKET)" --prefix "$(PREFIX)"
+
+bench: weights
+	$(PY) -m bench.batching
 
 docs: venv
 	$(PY) -m sdmme.docs
