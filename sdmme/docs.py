@@ -37,11 +37,12 @@ def gen_args_table() -> str:
             if own is not None and own.help != param.help:
                 meaning += f" `{spec.name}`: {own.help}"
         lines.append(f"| `{name}` | {allowed} | {default} | " + " | ".join(cells) + f" | {meaning} |")
-    limits = ", ".join(
-        f"`{s.name}` {s.max_image_pixels} pixels ({math.isqrt(s.max_image_pixels)}² )"
-        for s in MODELS.values()
-        if s.max_image_pixels
-    )
+    limits = []
+    for spec in MODELS.values():
+        if spec.max_image_pixels:
+            side = math.isqrt(spec.max_image_pixels)
+            limits.append(f"`{spec.name}` {spec.max_image_pixels} pixels ({side}x{side})")
+    limits = ", ".join(limits)
     lines.append("")
     lines.append(f"Largest input image (width x height): {limits}.")
     return "\n".join(lines)
