@@ -42,9 +42,8 @@ def gen_args_table() -> str:
         if spec.max_image_pixels:
             side = math.isqrt(spec.max_image_pixels)
             limits.append(f"`{spec.name}` {spec.max_image_pixels} pixels ({side}x{side})")
-    limits = ", ".join(limits)
     lines.append("")
-    lines.append(f"Largest input image (width x height): {limits}.")
+    lines.append(f"Largest input image (width x height): {', '.join(limits)}.")
     return "\n".join(lines)
 
 
