@@ -78,7 +78,15 @@ class ModelManager:
         timings: Dict[str, float] = {}
         model = self._ensure_loaded(target, timings)
         start = time.monotonic()
-        status, data, headers = self.front.invoke(model.name, target, body, content_type)
+        try:
+            status, data, headers = self.front.invoke(model.name, target, body, content_type)
+        except TimeoutError:
+            raise EndpointError.model_error(
+                408,
+                "timed out",
+                f"Your invocation timed out while waiting for a response from container "
+                f"primary ({self.front.timeout:.0f}s)",
+            ) from None
         timings["invoke"] = time.monotonic() - start
         if status == 404:  # unloaded between our check and the call (evicted by a concurrent load): once more
             model = self._ensure_loaded(target, timings)
