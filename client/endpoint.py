@@ -8,6 +8,7 @@ import time
 from typing import Any, Dict, Optional
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -33,7 +34,13 @@ class EndpointClient(Client):
         read_timeout: float = 900.0,
     ):
         config = Config(read_timeout=read_timeout, retries={"max_attempts": 3, "mode": "adaptive"})
-        self.runtime = boto3.client(
+        session = boto3.Session(region_name=region)
+        if endpoint_url:
+            # A local endpoint (the local MME) checks no signature: it needs no AWS account set up.
+            region = session.region_name or "us-east-1"
+            if session.get_credentials() is None:
+                config = config.merge(Config(signature_version=UNSIGNED))
+        self.runtime = session.client(
             "sagemaker-runtime", endpoint_url=endpoint_url, region_name=region, config=config
         )
         self.endpoint_name, self.retries = endpoint_name, retries

@@ -52,15 +52,14 @@ def _libs() -> Path:
     return _wheel_root().parent.parent / "nvidia_pytriton.libs"
 
 
-def environment(python_bin: Path | None = None) -> dict[str, str]:
+def environment() -> dict[str, str]:
     """PATH and LD_LIBRARY_PATH so that the stub embeds this interpreter and imports from its env."""
     env = dict(os.environ)
     libs = [sysconfig.get_config_var("LIBDIR"), str(_libs())]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = ":".join(libs)
-    bin_dir = python_bin or Path(sys.executable).parent
-    env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
 
 

@@ -72,11 +72,6 @@ def _gen_args(text: Optional[str]) -> Dict[str, Any]:
 
 
 def parse(spec: ModelSpec, index: int, inputs: Mapping[str, Optional[np.ndarray]]) -> Job:
-    unexpected = sorted(set(inputs) - set(spec.inputs))
-    if unexpected:
-        raise InvalidInput(
-            f"unexpected input(s) {', '.join(unexpected)}; {spec.name} takes {', '.join(spec.inputs)}"
-        )
     prompt = _text("prompt", inputs.get("prompt"), required=True)
     negative = _text("negative_prompt", inputs.get("negative_prompt")) or ""
     args = spec.validate_args(_gen_args(_text("gen_args", inputs.get("gen_args"))))

@@ -119,28 +119,25 @@ def _text_parts() -> dict:
     return {"tokenizer": tok, "text_encoder": text_encoder(len(tok))}
 
 
-def sd_base() -> diffusers.StableDiffusionPipeline:
-    return diffusers.StableDiffusionPipeline(
+def _text_to_image(cls, in_channels: int):
+    """Text-to-image and inpainting differ only in the UNet's input channels (4, or 4 + mask + masked)."""
+    return cls(
         **_text_parts(),
-        unet=unet(4),
+        unet=unet(in_channels),
         vae=vae(4, 0.18215),
         scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sd_base() -> diffusers.StableDiffusionPipeline:
+    return _text_to_image(diffusers.StableDiffusionPipeline, 4)
 
 
 def sd_inpaint() -> diffusers.StableDiffusionInpaintPipeline:
-    return diffusers.StableDiffusionInpaintPipeline(
-        **_text_parts(),
-        unet=unet(9),
-        vae=vae(4, 0.18215),
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _text_to_image(diffusers.StableDiffusionInpaintPipeline, 9)
 
 
 def sd_depth() -> diffusers.StableDiffusionDepth2ImgPipeline:

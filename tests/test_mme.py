@@ -214,6 +214,42 @@ def test_wrong_endpoint_name_and_ping(mme):
         assert r.status == 200
 
 
+def test_cli_needs_no_aws_setup_for_a_local_endpoint(mme, tmp_path, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credential lookups off this machine
+    args = ["--endpoint-name", NAME, "--endpoint-url", mme.url, "--out", str(tmp_path), "upscale", "--image"]
+    (tmp_path / "in.png").write_bytes(picture(32, 32))
+    assert cli(args + [str(tmp_path / "in.png"), "--num-inference-steps", "2"]) == 0
+    assert Image.open(tmp_path / "upscale-0.jpg").size == (128, 128)
+
+
+def test_response_over_six_megabytes_is_refused(mme):
+    with pytest.raises(ClientError) as e:
+        invoke(
+            mme,
+            "sd_base.tar.gz",
+            prompt="a",
+            gen_args=json.dumps(
+                {
+                    "num_inference_steps": 1,
+                    "height": 1024,
+                    "width": 1024,
+                    "num_images_per_prompt": 4,
+                    "output_format": "png",
+                }
+            ),
+        )
+    error = e.value.response
+    assert (
+        error["Error"]["Code"] == "ModelError"
+        and "exceeds SageMaker's 6 MB limit" in error["Error"]["Message"]
+    )
+    assert "use output_format jpeg" in error["Error"]["Message"]
+
+
 def test_endpoint_client_and_cli(mme, tmp_path):
     client = EndpointClient(NAME, endpoint_url=mme.url, region="us-east-1")
     [image] = client.upscale(picture(32, 32), "sharp", num_inference_steps=2)
