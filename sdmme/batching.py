@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 import traceback
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
+from PIL import Image
 
 from sdmme import images
 from sdmme.spec import InvalidInput, ModelSpec
@@ -110,12 +112,24 @@ def plan(jobs: List[Job], max_images: int = MAX_IMAGES_PER_CALL) -> List[List[Jo
 def execute(
     runner, jobs: List[Job], label: str = ""
 ) -> Iterator[Tuple[List[Job], Union[List[List[Any]], Exception]]]:
-    """Run every group; yields (group, images per job) or (group, the exception that failed it alone)."""
-    for group in plan(jobs):
+    """Run every group; yields (group, images per job) or (group, the exception that failed it alone).
+
+    A group that runs out of memory is split in halves, which are retried, before anyone fails: only a
+    request that does not fit on its own gets the out-of-memory error. Memory is freed after a failure.
+    """
+    pending = plan(jobs)
+    while pending:
+        group = pending.pop(0)
         start = time.monotonic()
         try:
             results = run(runner, group)
         except Exception as e:  # one failed group must not fail the others
+            runner.free_memory()
+            if runner.is_out_of_memory(e) and len(group) > 1:
+                half = len(group) // 2
+                log.warning("%s: out of memory with %d request(s); retrying as two halves", label, len(group))
+                pending[:0] = [group[:half], group[half:]]
+                continue
             log.error("%s: batch of %d request(s) failed:\n%s", label, len(group), traceback.format_exc())
             yield group, e
             continue
@@ -127,6 +141,22 @@ def execute(
             time.monotonic() - start,
         )
         yield group, results
+
+
+def warmup_job(spec: ModelSpec) -> Job:
+    """A request at the model's defaults (2 steps), to compile kernels at load instead of on a caller."""
+    args = spec.validate_args({"num_inference_steps": 2, "seed": 0})
+    side = 128 if spec.name == "sd_upscale" else 512
+    inputs = {
+        name: Image.new("L" if name == "mask_image" else "RGB", (side, side), 128)
+        for name in spec.image_inputs
+    }
+    if inputs and "height" in args:
+        args["height"] = args["height"] or side
+        args["width"] = args["width"] or side
+    if "strength" in args:
+        args["num_inference_steps"] = max(2, math.ceil(2 / args["strength"]))
+    return Job(0, "", "", inputs, args, [0])
 
 
 def run(runner, group: List[Job]) -> List[List[Any]]:

@@ -1,13 +1,23 @@
-"""Loading a diffusers pipeline for the device Triton gave the instance, and running one batch."""
+"""Loading a diffusers pipeline for the device Triton gave the instance, with its speed settings, and
+running one batch.
+
+The settings a GPU gets (dtype, attention kernel, memory layout, fused projections, compilation, VAE
+slicing and tiling) are applied by `apply()`, which runs the same on any device: CI applies the GPU
+settings to the tiny pipelines on CPU and checks that each one took effect.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import diffusers
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from sdmme.spec import ModelSpec
 
@@ -27,40 +37,154 @@ SCHEDULER_CLASSES: Dict[str, Tuple[str, Dict[str, Any]]] = {
 # gen_args the pipeline call takes directly; the rest (seed, scheduler, encoding) are handled here.
 PIPELINE_ARGS = ("num_inference_steps", "guidance_scale", "strength", "noise_level", "height", "width")
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CHOICES = {
+    "dtype": ("auto", *DTYPES),
+    "attention": ("sdpa", "xformers"),
+    "compile": ("none", "default", "max-autotune"),
+}
+# Parameters in a config.pbtxt that belong to Triton, not to these settings.
+TRITON_PARAMETERS = ("EXECUTION_ENV_PATH",)
 
-def device_for(instance_kind: str, device_id: str) -> Tuple[torch.device, torch.dtype]:
-    """fp16 on the GPU Triton assigned to this instance, fp32 on CPU."""
+
+@dataclass(frozen=True)
+class Settings:
+    """How a pipeline is set up for speed; config.pbtxt `parameters` of the same names override them.
+
+    The GPU defaults are the fastest settings that cost no cold-start time and change no output beyond
+    rounding; `docs/benchmarks.md` holds the measurements (`make bench-gpu`) they are chosen from.
+    """
+
+    dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
+    attention: str = "sdpa"  # PyTorch scaled_dot_product_attention, or xformers when usable
+    channels_last: bool = False  # NHWC memory layout for the UNet and the VAE
+    fuse_qkv: bool = False  # one matmul for q, k, v (self-attention) and k, v (cross-attention)
+    compile: str = "none"  # torch.compile the UNet at load (minutes of cold start; warmed up there)
+    vae_slicing: bool = True  # decode a batch one image at a time: large batches fit in memory
+    vae_tiling: bool = False  # decode in overlapping tiles: large outputs (the upscaler) fit in memory
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str], base: Settings) -> Settings:
+        """`base` with the values a model's config.pbtxt sets; a bad key or value is a clear error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, text in parameters.items():
+            if key in TRITON_PARAMETERS:
+                continue
+            if key not in fields:
+                raise ValueError(
+                    f"config.pbtxt parameter {key!r} is not a pipeline setting; known: {', '.join(fields)}"
+                )
+            if fields[key].type in (bool, "bool"):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(f"config.pbtxt parameter {key} must be true or false, got {text!r}")
+                values[key] = text.lower() == "true"
+            elif text not in CHOICES[key]:
+                raise ValueError(
+                    f"config.pbtxt parameter {key}={text!r} is not one of {', '.join(CHOICES[key])}"
+                )
+            else:
+                values[key] = text
+        settings = dataclasses.replace(base, **values)
+        if settings.fuse_qkv and settings.attention == "xformers":
+            raise ValueError(
+                "config.pbtxt: fuse_qkv runs on PyTorch SDPA; it cannot go with attention=xformers"
+            )
+        return settings
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+GPU_DEFAULTS = Settings()
+# On CPU: full precision, and none of the layout tricks, which are tuned for GPU kernels.
+CPU_DEFAULTS = Settings(vae_slicing=False)
+
+
+def device_for(instance_kind: str, device_id: str) -> Tuple[torch.device, Settings]:
+    """The GPU Triton assigned to this instance with the GPU defaults, or the CPU with its own."""
     if instance_kind == "GPU":
-        return torch.device(f"cuda:{device_id}"), torch.float16
-    return torch.device("cpu"), torch.float32
+        return torch.device(f"cuda:{device_id}"), GPU_DEFAULTS
+    return torch.device("cpu"), CPU_DEFAULTS
 
 
-def configure_attention(pipeline: diffusers.DiffusionPipeline, device: torch.device) -> str:
-    """Memory-efficient attention on GPU: xformers when importable, else PyTorch SDPA. Returns which."""
-    if device.type != "cuda":
-        return "default (cpu)"
-    pipeline.enable_vae_slicing()  # decode a batch one image at a time: batches fit in memory
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        return "sdpa"  # diffusers' default processor on torch >= 2 is scaled_dot_product_attention
-    pipeline.enable_xformers_memory_efficient_attention()
-    return "xformers"
+def _attention(pipeline, settings: Settings) -> str:
+    if settings.attention == "xformers":
+        try:
+            pipeline.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as e:  # not installed, no kernel for this card, no GPU, wrong build
+            log.warning(
+                "xformers is not usable here (%s: %s); falling back to PyTorch SDPA", type(e).__name__, e
+            )
+    # Also undoes a partly applied xformers attempt; SDPA is diffusers' default on torch 2.
+    for name in ("unet", "vae"):
+        getattr(pipeline, name).set_attn_processor(AttnProcessor2_0())
+    if settings.fuse_qkv:
+        for name in ("unet", "vae"):
+            getattr(pipeline, name).fuse_qkv_projections()  # sets FusedAttnProcessor2_0
+        return "sdpa, fused qkv"
+    return "sdpa"
 
 
-def load(spec: ModelSpec, weights: Path, device: torch.device, dtype: torch.dtype):
+def apply(pipeline, settings: Settings, device: torch.device) -> Dict[str, Any]:
+    """Apply `settings` to a loaded pipeline on `device`; returns what was applied (for the log)."""
+    applied: Dict[str, Any] = {"attention": _attention(pipeline, settings)}
+    if settings.channels_last:
+        for name in ("unet", "vae"):
+            getattr(pipeline, name).to(memory_format=torch.channels_last)
+    applied["channels_last"] = settings.channels_last
+    (pipeline.vae.enable_slicing if settings.vae_slicing else pipeline.vae.disable_slicing)()
+    (pipeline.vae.enable_tiling if settings.vae_tiling else pipeline.vae.disable_tiling)()
+    applied["vae"] = "slicing" if settings.vae_slicing else "whole batch"
+    if settings.vae_tiling:
+        applied["vae"] += ", tiling"
+    if settings.compile != "none":
+        # In place: pipeline.unet stays a UNet2DConditionModel (its config is still read by the pipeline).
+        pipeline.unet.compile(mode=None if settings.compile == "default" else settings.compile)
+    applied["compile"] = settings.compile
+    return applied
+
+
+def load(spec: ModelSpec, weights: Path, device: torch.device, settings: Settings):
     if not (weights / "model_index.json").exists():
         raise FileNotFoundError(
             f"no weights in {weights}: run `make weights` (tiny, offline) or `make weights-hub` (real)"
         )
+    dtype = settings.torch_dtype(device)
     pipeline = getattr(diffusers, spec.pipeline).from_pretrained(
-        weights, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        weights, dtype=dtype, use_safetensors=True, local_files_only=True
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline = pipeline.to(device)
-    attention = configure_attention(pipeline, device)
-    log.info("%s: loaded %s on %s (%s, attention: %s)", spec.name, spec.pipeline, device, dtype, attention)
+    applied = apply(pipeline, settings, device)
+    log.info(
+        "%s: loaded %s on %s (%s, %s)",
+        spec.name,
+        spec.pipeline,
+        device,
+        str(dtype).replace("torch.", ""),
+        ", ".join(f"{k}: {v}" for k, v in applied.items()),
+    )
     return pipeline
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A real allocation failure (GPU or host), as opposed to bad input or a bug."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "CUDA out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Runner:
@@ -68,6 +192,7 @@ class Runner:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        self.device = pipeline.device
         self.default_scheduler = pipeline.scheduler
         self._schedulers: Dict[str, Any] = {"default": pipeline.scheduler}
 
@@ -78,6 +203,13 @@ class Runner:
                 self.default_scheduler.config, **settings
             )
         return self._schedulers[name]
+
+    def free_memory(self) -> None:
+        free_memory(self.device)
+
+    @staticmethod
+    def is_out_of_memory(error: BaseException) -> bool:
+        return is_out_of_memory(error)
 
     @torch.inference_mode()
     def __call__(

@@ -143,8 +143,12 @@ class ModelSpec:
 
     @property
     def inputs(self) -> Tuple[str, ...]:
-        """Triton input names, all BYTES of shape [1, 1]; `prompt` is the only required one."""
+        """Triton input names, all BYTES of shape [1, 1]."""
         return ("prompt", "negative_prompt", *self.image_inputs, "gen_args")
+
+    @property
+    def required_inputs(self) -> Tuple[str, ...]:
+        return ("prompt", *self.image_inputs)
 
     def defaults(self) -> Dict[str, Any]:
         return {p.name: p.default for p in self.params}

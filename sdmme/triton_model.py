@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import gc
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from sdmme import batching, images, pipelines
-from sdmme.spec import MODELS, InvalidInput
+from sdmme.spec import MODELS, InvalidInput, ModelSpec
 
 log = logging.getLogger("sdmme")
 
@@ -21,6 +20,33 @@ log = logging.getLogger("sdmme")
 def _error(message: str, code=None):
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def check_config(spec: ModelSpec, config: dict) -> None:
+    """The config.pbtxt Triton loaded must declare the spec's contract; say what differs if not."""
+    problems = []
+    if config.get("max_batch_size", 0) < 1:
+        problems.append("max_batch_size must be at least 1 (requests are [1, 1] tensors, batched)")
+    declared = {i["name"]: i for i in config.get("input", [])}
+    for name in spec.inputs:
+        item = declared.pop(name, None)
+        if item is None:
+            problems.append(f"input {name} is missing")
+            continue
+        if item.get("data_type") != "TYPE_STRING":
+            problems.append(f"input {name} must be TYPE_STRING, is {item.get('data_type')}")
+        optional = name not in spec.required_inputs
+        if bool(item.get("optional", False)) != optional:
+            problems.append(f"input {name} must {'' if optional else 'not '}be optional")
+    problems += [f"input {name} is not in the spec" for name in declared]
+    outputs = {o["name"]: o for o in config.get("output", [])}
+    if outputs.get("generated_image", {}).get("data_type") != "TYPE_STRING":
+        problems.append("output generated_image (TYPE_STRING) is missing")
+    if problems:
+        raise ValueError(
+            f"config.pbtxt of {config.get('name')} disagrees with the {spec.name} spec (sdmme/spec.py): "
+            + "; ".join(problems)
+        )
 
 
 class DiffusionModel:
@@ -33,31 +59,62 @@ class DiffusionModel:
             log.addHandler(handler)
             log.setLevel(logging.INFO)
         self.spec = MODELS[self.spec_name]
-        device, dtype = pipelines.device_for(args["model_instance_kind"], args["model_instance_device_id"])
+        config = json.loads(args["model_config"])
+        check_config(self.spec, config)
+        device, defaults = pipelines.device_for(args["model_instance_kind"], args["model_instance_device_id"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        settings = pipelines.Settings.from_parameters(parameters, defaults)
         self.device = device
         # args["model_repository"] is the model's own folder, also under SageMaker where the name differs.
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
         start = time.monotonic()
         try:
-            self.runner = pipelines.Runner(pipelines.load(self.spec, weights, device, dtype))
-        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-            # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
-            raise RuntimeError(f"out of memory loading {self.spec.name}: {e}") from e
+            self.runner = pipelines.Runner(pipelines.load(self.spec, weights, device, settings))
+            if settings.compile != "none":
+                warm = time.monotonic()
+                batching.run(self.runner, [batching.warmup_job(self.spec)])
+                log.info("%s: compiled and warmed up in %.1fs", self.spec.name, time.monotonic() - warm)
+        except Exception as e:
+            if pipelines.is_out_of_memory(e):
+                # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
+                raise RuntimeError(f"out of memory loading {self.spec.name}: {e}") from e
+            raise
         log.info("%s (%s): ready in %.1fs", self.spec.name, args["model_name"], time.monotonic() - start)
+
+    def _parse(self, index: int, request):
+        try:
+            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+            return batching.parse(self.spec, index, inputs), None
+        except InvalidInput as e:
+            return None, _error(str(e), pb_utils.TritonError.INVALID_ARG)
+        except Exception as e:  # whatever a caller sends fails that request alone
+            log.exception("%s: request %d could not be parsed", self.spec.name, index)
+            message = f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}"
+            return None, _error(message, pb_utils.TritonError.INVALID_ARG)
+
+    def _respond(self, job, generated):
+        try:
+            encoded = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
+        except Exception as e:
+            log.exception("%s: encoding request %d's images failed", self.spec.name, job.index)
+            return _error(
+                f"the generated image could not be encoded as {job.args['output_format']} "
+                f"({type(e).__name__}: {e}); try another output_format",
+                pb_utils.TritonError.INVALID_ARG,
+            )
+        tensor = pb_utils.Tensor("generated_image", np.array([encoded], dtype=np.object_))
+        return pb_utils.InferenceResponse(output_tensors=[tensor])
 
     def execute(self, requests):
         responses = [None] * len(requests)
         jobs = []
         for i, request in enumerate(requests):
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-            try:
-                jobs.append(batching.parse(self.spec, i, inputs))
-            except InvalidInput as e:
-                responses[i] = _error(str(e), pb_utils.TritonError.INVALID_ARG)
+            job, responses[i] = self._parse(i, request)
+            if job is not None:
+                jobs.append(job)
         for group, outcome in batching.execute(self.runner, jobs, self.spec.name):
             if isinstance(outcome, Exception):
-                if isinstance(outcome, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
+                if pipelines.is_out_of_memory(outcome):
                     message = "out of memory; retry with fewer images or a smaller size"
                 else:
                     message = f"generation failed: {type(outcome).__name__}: {outcome}"
@@ -65,16 +122,10 @@ class DiffusionModel:
                     responses[job.index] = _error(message)
                 continue
             for job, generated in zip(group, outcome):
-                encoded = [
-                    images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated
-                ]
-                tensor = pb_utils.Tensor("generated_image", np.array([encoded], dtype=np.object_))
-                responses[job.index] = pb_utils.InferenceResponse(output_tensors=[tensor])
+                responses[job.index] = self._respond(job, generated)
         return responses
 
     def finalize(self):
         del self.runner
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        pipelines.free_memory(self.device)
         log.info("%s: unloaded", self.spec.name)

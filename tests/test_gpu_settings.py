@@ -1,0 +1,189 @@
+"""The GPU settings, applied on CPU: every setting takes effect, fp16 runs, fallbacks hold, and the
+config.pbtxt parameters reach the pipeline through a real tritonserver.
+
+Only the speed and memory figures need a GPU (`make bench-gpu`); everything the runtime does to a
+pipeline for one runs here, through the same functions.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, b64, picture, post, sample_payload
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+from deploy.tritonserver import TritonServer
+from sdmme import batching, pipelines, weights
+from sdmme.spec import MODELS
+
+CPU = torch.device("cpu")
+ALL_ON = pipelines.Settings(dtype="float16", channels_last=True, fuse_qkv=True, vae_tiling=True)
+
+
+def small_job(model: str, steps: int = 1) -> batching.Job:
+    """The warm-up request at the smallest size, `steps` denoising steps."""
+    job = batching.warmup_job(MODELS[model])
+    side = 32 if model == "sd_upscale" else 64
+    job.images = {name: image.resize((side, side)) for name, image in job.images.items()}
+    if "height" in job.args:
+        job.args.update(height=64, width=64)
+    strength = job.args.get("strength", 1.0)
+    job.args["num_inference_steps"] = int(np.ceil(steps / strength))
+    return job
+
+
+def processors(module) -> set:
+    return {type(p) for p in module.attn_processors.values()}
+
+
+def test_device_defaults():
+    device, settings = pipelines.device_for("GPU", "1")
+    assert device == torch.device("cuda:1") and settings.torch_dtype(device) == torch.float16
+    assert settings.attention == "sdpa" and settings.vae_slicing and settings.compile == "none"
+    device, settings = pipelines.device_for("CPU", "0")
+    assert device == CPU and settings.torch_dtype(device) == torch.float32
+
+
+def test_settings_from_config_parameters():
+    base = pipelines.GPU_DEFAULTS
+    parsed = pipelines.Settings.from_parameters(
+        {"channels_last": "TRUE", "compile": "max-autotune", "EXECUTION_ENV_PATH": "$$X/env"}, base
+    )
+    assert parsed.channels_last and parsed.compile == "max-autotune" and parsed.attention == base.attention
+    for parameters, message in [
+        ({"attention": "flash"}, "attention='flash' is not one of sdpa, xformers"),
+        ({"vae_slicing": "yes"}, "vae_slicing must be true or false"),
+        ({"turbo": "true"}, "'turbo' is not a pipeline setting"),
+        ({"attention": "xformers", "fuse_qkv": "true"}, "cannot go with attention=xformers"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipelines.Settings.from_parameters(parameters, base)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_repository):
+    return {model: weights.weights_dir(tiny_repository, model) for model in MODELS}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_setting_takes_effect_and_fp16_runs(tiny_weights, model):
+    pipeline = pipelines.load(MODELS[model], tiny_weights[model], CPU, ALL_ON)
+    assert pipeline.unet.dtype == torch.float16 and pipeline.text_encoder.dtype == torch.float16
+    assert processors(pipeline.unet) == {FusedAttnProcessor2_0}
+    assert processors(pipeline.vae) == {FusedAttnProcessor2_0}
+    assert pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline.vae.use_slicing and pipeline.vae.use_tiling
+    [[image]] = batching.run(pipelines.Runner(pipeline), [small_job(model)])
+    assert image.size == ((128, 128) if model == "sd_upscale" else (64, 64))
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_gpu_defaults_in_fp16(tiny_weights, model):
+    settings = pipelines.Settings.from_parameters({"dtype": "float16"}, pipelines.GPU_DEFAULTS)
+    pipeline = pipelines.load(MODELS[model], tiny_weights[model], CPU, settings)
+    assert pipeline.unet.dtype == torch.float16
+    assert processors(pipeline.unet) == {AttnProcessor2_0}
+    assert pipeline.vae.use_slicing and not pipeline.vae.use_tiling
+    [[image]] = batching.run(pipelines.Runner(pipeline), [small_job(model)])
+    # random tiny weights can overflow fp16 (shared/FACTS.md): judge by shape, not by pixels
+    assert image.mode == "RGB" and image.size[0] in (64, 128)
+
+
+def test_unusable_xformers_falls_back_to_sdpa(tiny_weights, tmp_path):
+    """An installed xformers that cannot run here (no GPU, wrong build) must not fail the load."""
+    site = tmp_path / "site"
+    (site / "xformers").mkdir(parents=True)
+    (site / "xformers" / "__init__.py").write_text("from xformers import ops\n")
+    (site / "xformers" / "ops.py").write_text(
+        "def memory_efficient_attention(*args, **kwargs):\n"
+        "    raise NotImplementedError('no kernel for this device')\n"
+    )
+    info = site / "xformers-0.0.28.post3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xformers\nVersion: 0.0.28.post3\n")
+    script = textwrap.dedent(
+        f"""
+        import logging, torch
+        from pathlib import Path
+        from diffusers.utils import is_xformers_available
+        from sdmme import pipelines
+        from sdmme.spec import MODELS
+        logging.basicConfig(level=logging.INFO)
+        assert is_xformers_available()
+        settings = pipelines.Settings(attention="xformers")
+        weights = Path({str(tiny_weights["sd_base"])!r})
+        pipeline = pipelines.load(MODELS["sd_base"], weights, torch.device("cpu"), settings)
+        print("processors:", sorted({{type(p).__name__ for p in pipeline.unet.attn_processors.values()}}))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "xformers is not usable here" in result.stderr and "falling back to PyTorch SDPA" in result.stderr
+    assert "processors: ['AttnProcessor2_0']" in result.stdout
+    assert "attention: sdpa" in result.stderr
+
+
+def test_compile_option_compiles_the_unet_and_keeps_the_image(tiny_weights):
+    """torch.compile (inductor; on CPU it needs a C compiler) gives the eager image up to rounding."""
+    eager = pipelines.Runner(
+        pipelines.load(MODELS["sd_base"], tiny_weights["sd_base"], CPU, pipelines.Settings())
+    )
+    compiled_settings = pipelines.Settings(compile="default")
+    pipeline = pipelines.load(MODELS["sd_base"], tiny_weights["sd_base"], CPU, compiled_settings)
+    assert pipeline.unet._compiled_call_impl is not None  # nn.Module.compile, in place
+    job = small_job("sd_base", steps=2)
+    [[expected]] = batching.run(eager, [job])
+    [[image]] = batching.run(pipelines.Runner(pipeline), [job])
+    difference = np.abs(np.asarray(expected, dtype=np.int16) - np.asarray(image, dtype=np.int16))
+    assert difference.max() <= 2
+
+
+def with_parameters(folder, parameters: dict) -> None:
+    lines = [
+        f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        for key, value in parameters.items()
+    ]
+    config = folder / "config.pbtxt"
+    config.write_text(config.read_text() + "\n".join(lines) + "\n")
+
+
+def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tmp_path):
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository / "sd_depth", repository / "sd_depth")
+    with_parameters(
+        repository / "sd_depth", {"dtype": "float16", "channels_last": "true", "fuse_qkv": "true"}
+    )
+    shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")
+    with_parameters(repository / "sd_base", {"attention": "flash"})
+    shutil.copytree(tiny_repository / "sd_upscale", repository / "sd_upscale")
+    config = repository / "sd_upscale" / "config.pbtxt"
+    config.write_text(config.read_text().replace('{ name: "image" data_type: TYPE_STRING dims: [ 1 ] },', ""))
+    log_file = tmp_path / "tritonserver.log"
+    with TritonServer(repository, extra=["--model-control-mode=explicit"], log_file=log_file) as server:
+        status, body = post(server, "/v2/repository/models/sd_depth/load", {})
+        assert status == 200, body
+        payload = sample_payload(
+            prompt="a", image=b64(picture(64, 64)), gen_args=json.dumps({"num_inference_steps": 2})
+        )
+        status, body = post(server, "/v2/models/sd_depth/infer", payload)
+        assert status == 200 and body["outputs"][0]["shape"] == [1, 1], body
+        status, body = post(server, "/v2/repository/models/sd_base/load", {})
+        assert status == 400 and "config.pbtxt parameter attention='flash' is not one of" in body["error"]
+        status, body = post(server, "/v2/repository/models/sd_upscale/load", {})
+        assert status == 400 and "disagrees with the sd_upscale spec" in body["error"]
+        assert "input image is missing" in body["error"]
+    log = log_file.read_text()
+    assert (
+        "sd_depth: loaded StableDiffusionDepth2ImgPipeline on cpu (float16, attention: sdpa, fused qkv" in log
+    )
+    assert "channels_last: True" in log
