@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-hub serve serve-docker demo test lint docs env package upload mme deploy teardown iam-policy bench clean
+.PHONY: venv weights weights-full weights-hub serve serve-docker demo test test-full lint docs env package upload mme deploy teardown iam-policy bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 weights: $(WEIGHTS)
 $(WEIGHTS) &: | $(VENV)/.installed
 	$(PY) -m sdmme.weights tiny
+
+# The real architectures at full size with random weights (offline; about 2.6 GB per model): bench, serving tests.
+weights-full: venv
+	$(PY) -m sdmme.weights full --force
 
 # Real weights from the Hugging Face hub (fp16 safetensors, about 5 GB); replaces tiny ones.
 weights-hub: venv
@@ -44,6 +48,10 @@ demo: weights
 
 test: venv
 	$(PY) -m pytest
+
+# The four real architectures at full size on CPU (random weights; about 5 minutes, 6 GB of memory).
+test-full: venv
+	$(PY) -m pytest -m full
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,8 @@
 """Fill each model's weights folder (`<repository>/<model>/1/weights`) from one of two sources.
 
 - `tiny`: random tiny pipelines built offline (tests, demo, CI);
+- `full`: the real architectures at full size with random weights, built offline from the published
+  configs in `sdmme/configs/` (fp16 safetensors: the real weights' shapes and bytes, noise as images);
 - `hub`: the real models from the Hugging Face hub, fp16 safetensors only.
 
 Both end in `save_pretrained` into the same folder, which the server loads with the same code.
@@ -31,6 +33,12 @@ def _build_tiny(model: str):
     return tiny.BUILDERS[model]()
 
 
+def _build_full(model: str):
+    from sdmme import full
+
+    return full.build(model)
+
+
 def _download(model: str):
     import diffusers
     import torch
@@ -42,7 +50,7 @@ def _download(model: str):
     )
 
 
-SOURCES = {"tiny": _build_tiny, "hub": _download}
+SOURCES = {"tiny": _build_tiny, "full": _build_full, "hub": _download}
 
 
 def fill(repository: Path, model: str, source: str, force: bool = False) -> Path:

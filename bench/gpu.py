@@ -1,0 +1,302 @@
+"""`make bench-gpu`: the full-size pipelines on a GPU, through the runtime the Triton models use.
+
+Measures, in one run, and appends to docs/benchmarks.md with the GPU, versions and date:
+- SD 2.1-base, 512x512, 50 steps, batch 1: latency, it/s and achieved TFLOP/s for each setting
+  (SDPA, xformers when installed, + channels_last, + fused QKV, + torch.compile, whose compile time is
+  reported apart);
+- images/s at batch 1, 4 and 8 with the fastest setting, and peak GPU memory;
+- depth and inpaint at 512x512; the upscaler at 128->512 and 256->1024 with and without VAE tiling;
+- the largest upscaler input that fits in the memory of the default instance's GPU (A10G, 24 GB).
+
+Weights: the model_repository's when they came from the hub, else full-size random weights built
+from the published configs (same shapes, so the same speed and memory). Without a CUDA GPU it says
+so and exits with status 2. `--device cpu --tiny` runs the same code on tiny weights (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from sdmme import batching, pipelines, weights
+from sdmme.spec import MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+A10G_BYTES = 22 * 2**30  # an A10G's 24 GB less the CUDA context and the allocator's slack
+
+
+@dataclass
+class Result:
+    label: str
+    seconds: float  # median latency of one call
+    steps: int
+    images: int = 1
+    peak_gb: Optional[float] = None
+    tflops: Optional[float] = None
+    compile_s: Optional[float] = None
+
+    def row(self) -> str:
+        cells = [
+            self.label,
+            f"{self.seconds:.3f}",
+            f"{self.steps / self.seconds:.1f}",
+            f"{self.images / self.seconds:.2f}",
+            "" if self.tflops is None else f"{self.tflops:.0f}",
+            "" if self.peak_gb is None else f"{self.peak_gb:.1f}",
+            "" if self.compile_s is None else f"{self.compile_s:.0f}",
+        ]
+        return "| " + " | ".join(cells) + " |"
+
+
+HEADER = (
+    "| setting / case | latency (s) | it/s | images/s | TFLOP/s | peak GPU memory (GB) | compile (s) |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+class Bench:
+    def __init__(self, device: torch.device, weight_folders: Dict[str, Path], repeats: int):
+        self.device = device
+        self.weights = weight_folders
+        self.repeats = repeats
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def load(self, model: str, settings: pipelines.Settings) -> pipelines.Runner:
+        pipelines.free_memory(self.device)
+        return pipelines.Runner(pipelines.load(MODELS[model], self.weights[model], self.device, settings))
+
+    def timed(self, runner, jobs) -> float:
+        self.sync()
+        start = time.perf_counter()
+        batching.run(runner, jobs)
+        self.sync()
+        return time.perf_counter() - start
+
+    def measure(self, label: str, runner, jobs, steps: int, first_call: bool = False) -> Result:
+        """Median of `repeats` calls after one warm-up call (whose extra time is the compile time)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        warm = self.timed(runner, jobs)
+        times = [self.timed(runner, jobs) for _ in range(self.repeats)]
+        median = statistics.median(times)
+        result = Result(label, median, steps, images=sum(len(j.seeds) for j in jobs))
+        if self.device.type == "cuda":
+            result.peak_gb = torch.cuda.max_memory_allocated(self.device) / 1e9
+        if first_call:
+            result.compile_s = warm - median
+        print(result.row(), flush=True)
+        return result
+
+    def unet_flops(self, runner, job: batching.Job) -> float:
+        """FLOPs of the denoising loop: one guided UNet call (batch 2) counted, times the steps."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        unet = runner.pipeline.unet
+        latents = torch.zeros(2, 4, job.args["height"] // 8, job.args["width"] // 8, device=self.device)
+        context = torch.zeros(2, 77, unet.config.cross_attention_dim, device=self.device)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            unet(latents.to(unet.dtype), 999, context.to(unet.dtype))
+        return counter.get_total_flops() * job.args["num_inference_steps"]
+
+
+def job(model: str, steps: int, side: int, seed: int = 0) -> batching.Job:
+    """One request of `model` with `steps` denoising steps, at `side` pixels (input side for images)."""
+    base = batching.warmup_job(MODELS[model])
+    images = {name: image.resize((side, side)) for name, image in base.images.items()}
+    args = dict(base.args, num_inference_steps=steps, seed=seed)
+    if "height" in args:
+        args.update(height=side, width=side)
+    return batching.Job(0, "a lighthouse at dawn", "", images, args, [seed])
+
+
+def settings_to_compare(device: torch.device, compile_mode: str) -> Dict[str, pipelines.Settings]:
+    base = pipelines.Settings(dtype="float16")
+    variants = {"SDPA": base}
+    try:
+        import xformers  # noqa: F401
+
+        variants["xformers"] = replace(base, attention="xformers")
+    except ImportError:
+        print("xformers is not installed: its row is skipped", flush=True)
+    variants["SDPA + channels_last"] = replace(base, channels_last=True)
+    variants["SDPA + channels_last + fused QKV"] = replace(base, channels_last=True, fuse_qkv=True)
+    if compile_mode != "none":
+        variants[f"SDPA + channels_last + fused QKV + compile ({compile_mode})"] = replace(
+            base, channels_last=True, fuse_qkv=True, compile=compile_mode
+        )
+    return variants
+
+
+def largest_upscale_input(bench: Bench, settings: pipelines.Settings, sides: List[int]) -> Optional[int]:
+    """Largest square input side whose 2-step upscale runs within A10G_BYTES (allocator capped)."""
+    if bench.device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(bench.device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, A10G_BYTES / total), bench.device)
+    best = None
+    try:
+        runner = bench.load("sd_upscale", settings)
+        for side in sides:
+            try:
+                bench.timed(runner, [job("sd_upscale", 2, side)])
+                best = side
+            except Exception as e:
+                if not pipelines.is_out_of_memory(e):
+                    raise
+                break
+            finally:
+                pipelines.free_memory(bench.device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, bench.device)
+    return best
+
+
+def run(bench: Bench, steps: int, compile_mode: str, upscale_sides: List[int]) -> List[str]:
+    """Every measurement; returns the markdown lines of the report."""
+    lines = [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, fp16:", "", HEADER]
+    base_job = job("sd_base", steps, 512)
+    results = {}
+    for label, settings in settings_to_compare(bench.device, compile_mode).items():
+        start = time.perf_counter()
+        runner = bench.load("sd_base", settings)
+        load_s = time.perf_counter() - start
+        result = bench.measure(label, runner, [base_job], steps, first_call=settings.compile != "none")
+        result.tflops = bench.unet_flops(runner, base_job) / result.seconds / 1e12
+        print(f"  ({label}: loaded in {load_s:.1f}s)", flush=True)
+        results[label] = (result, settings)
+        lines.append(result.row())
+        del runner
+    best_label, (best, best_settings) = min(results.items(), key=lambda item: item[1][0].seconds)
+    eager_label, (_, eager_settings) = min(
+        ((k, v) for k, v in results.items() if v[1].compile == "none"), key=lambda item: item[1][0].seconds
+    )
+    lines += [
+        "",
+        f"Fastest: {best_label} ({best.seconds:.3f} s). Fastest without compile: {eager_label}.",
+        "",
+    ]
+
+    lines += [f"Batching with {best_label}: one call of n requests, 512x512, {steps} steps:", "", HEADER]
+    runner = bench.load("sd_base", best_settings)
+    for n in (1, 4, 8):
+        jobs = [replace(job("sd_base", steps, 512, seed=i), index=i) for i in range(n)]
+        lines.append(bench.measure(f"batch {n}", runner, jobs, steps).row())
+    del runner
+
+    lines += ["", f"The other models with {eager_label} (no compile), {steps} steps:", "", HEADER]
+    for model, side, label in (
+        ("sd_depth", 512, "sd_depth 512x512"),
+        ("sd_inpaint", 512, "sd_inpaint 512x512"),
+    ):
+        runner = bench.load(model, eager_settings)
+        lines.append(bench.measure(label, runner, [job(model, steps, side)], steps).row())
+        del runner
+    for tiling in (False, True):
+        settings = replace(eager_settings, vae_tiling=tiling)
+        runner = bench.load("sd_upscale", settings)
+        for side in (128, 256):
+            label = f"sd_upscale {side}->{side * 4}" + (", VAE tiling" if tiling else "")
+            try:
+                lines.append(bench.measure(label, runner, [job("sd_upscale", steps, side)], steps).row())
+            except Exception as e:
+                if not pipelines.is_out_of_memory(e):
+                    raise
+                lines.append(f"| {label} | out of memory | | | | | |")
+                pipelines.free_memory(bench.device)
+        del runner
+    for tiling in (False, True):
+        side = largest_upscale_input(bench, replace(eager_settings, vae_tiling=tiling), upscale_sides)
+        if side is not None:
+            tried = ", ".join(map(str, upscale_sides))
+            lines.append(
+                f"\nLargest `sd_upscale` input within {A10G_BYTES / 2**30:.0f} GiB (A10G, ml.g5.xlarge)"
+                f"{' with VAE tiling' if tiling else ''}: {side}x{side} (sides tried: {tried})."
+            )
+    return lines
+
+
+def environment(device: torch.device) -> str:
+    import diffusers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (
+        f"{name}; torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}; "
+        f"{datetime.date.today().isoformat()}"
+    )
+
+
+def weight_folders(repository: Path, tiny: bool, cache: Path) -> Dict[str, Path]:
+    """Hub weights from the model repository where present; else built (tiny, or full-size random)."""
+    folders = {}
+    for model in MODELS:
+        folder = weights.weights_dir(repository, model)
+        record = folder / weights.SOURCE_FILE
+        if not tiny and record.exists() and json.loads(record.read_text())["source"] == "hub":
+            folders[model] = folder
+        else:
+            folders[model] = weights.fill(cache, model, "tiny" if tiny else "full")
+    return folders
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default) or cpu (with --tiny: tests the code)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny weights instead of full size")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", default="max-autotune", choices=pipelines.CHOICES["compile"])
+    parser.add_argument("--upscale-sides", type=int, nargs="+", default=[256, 320, 384, 448, 512, 640])
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--weights-cache", type=Path, help="where built weights go (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            "make bench-gpu needs a CUDA GPU and none is visible here (torch.cuda.is_available() is False). "
+            "Run it on a GPU machine with a CUDA build of torch (make venv TORCH='torch==<version>').",
+            file=sys.stderr,
+        )
+        return 2
+    cache = args.weights_cache or Path(tempfile.mkdtemp(prefix="bench-weights-"))
+    folders = weight_folders(args.model_repository, args.tiny, cache)
+    sources = sorted({json.loads((f / weights.SOURCE_FILE).read_text())["source"] for f in folders.values()})
+    bench = Bench(device, folders, args.repeats)
+    started = time.monotonic()
+    lines = run(bench, args.steps, args.compile, args.upscale_sides)
+    title = f"## make bench-gpu: {environment(device)}"
+    report = [
+        title,
+        "",
+        f"Weights: {', '.join(sources)}. Each row: median of {args.repeats} calls after a warm-up.",
+        "",
+    ]
+    report += lines + ["", f"({time.monotonic() - started:.0f} s in all)", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write("\n".join(report) + "\n")
+    print(f"appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The benchmarks the repo runs: bench-gpu refuses without a GPU and its code runs on CPU (tiny weights)."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from bench import gpu
+
+
+def test_bench_gpu_refuses_without_a_gpu():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert "make bench-gpu needs a CUDA GPU and none is visible here" in result.stderr
+
+
+def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    argv = ["--device", "cpu", "--tiny", "--steps", "2", "--repeats", "1", "--compile", "none"]
+    argv += ["--weights-cache", str(tmp_path / "weights"), "--out", str(out)]
+    assert gpu.main(argv) == 0
+    report = out.read_text()
+    assert report.startswith("## make bench-gpu: CPU;") and "Weights: tiny." in report
+    for row in [
+        "| SDPA |",
+        "| SDPA + channels_last |",
+        "| SDPA + channels_last + fused QKV |",
+        "| batch 1 |",
+        "| batch 4 |",
+        "| batch 8 |",
+        "| sd_depth 512x512 |",
+        "| sd_inpaint 512x512 |",
+        "| sd_upscale 128->512 |",
+        "| sd_upscale 256->1024, VAE tiling |",
+    ]:
+        assert row in report, row
+    assert "Fastest: " in report
