@@ -49,7 +49,7 @@ demo: weights
 test: venv
 	$(PY) -m pytest
 
-# The four real architectures at full size on CPU (random weights; about 5 minutes, 6 GB of memory).
+# Only the four real architectures at full size on CPU (random weights; about 2 minutes, 6 GB of memory).
 test-full: venv
 	$(PY) -m pytest -m full
 

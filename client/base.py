@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from PIL import Image
 
 ImageLike = Union[Image.Image, bytes, str]  # a PIL image, encoded file bytes, or a path
+BASE64, FILES = "generated_image", "generated_image_bytes"  # the model's outputs (config.pbtxt)
 
 
 class ModelError(Exception):
@@ -53,15 +54,56 @@ def request_body(
 def images_from_response(response: Dict[str, Any]) -> List[bytes]:
     """Encoded image files from a KServe v2 JSON response."""
     for output in response["outputs"]:
-        if output["name"] == "generated_image":
+        if output["name"] == BASE64:
             return [base64.b64decode(item) for item in output["data"]]
-    raise ValueError("response has no generated_image output")
+    raise ValueError(f"response has no {BASE64} output")
+
+
+def binary_inputs(body: Dict[str, Any]) -> list:
+    """The JSON body's inputs as tritonclient inputs carried in binary (images stay base64: the contract)."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    inputs = []
+    for item in body["inputs"]:
+        data = [value.encode() for value in item["data"]]
+        tensor = httpclient.InferInput(item["name"], item["shape"], item["datatype"])
+        tensor.set_data_from_numpy(np.array(data, dtype=np.object_).reshape(item["shape"]), binary_data=True)
+        inputs.append(tensor)
+    return inputs
+
+
+def binary_request(body: Dict[str, Any]) -> Tuple[bytes, int]:
+    """The request in Triton's binary tensor extension, asking for the image files in binary.
+
+    Returns the body and the size of its JSON header (the `json-header-size` SageMaker wants).
+    """
+    import tritonclient.http as httpclient
+
+    outputs = [httpclient.InferRequestedOutput(FILES, binary_data=True)]
+    return httpclient.InferenceServerClient.generate_request_body(binary_inputs(body), outputs=outputs)
+
+
+def images_from_binary_response(data: bytes, header_length: Optional[int]) -> List[bytes]:
+    import tritonclient.http as httpclient
+
+    result = httpclient.InferenceServerClient.parse_response_body(data, header_length=header_length)
+    return list(result.as_numpy(FILES).reshape(-1))
 
 
 class Client:
-    """One method per model; subclasses implement `infer` for their transport."""
+    """One method per model; subclasses implement `infer` (JSON) and `infer_binary` for their transport.
+
+    `binary=True`: Triton's binary tensor extension both ways, the images as files rather than base64
+    inside JSON (opt-in; the AWS sample's JSON is the default).
+    """
+
+    binary = False
 
     def infer(self, model: str, body: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def infer_binary(self, model: str, body: Dict[str, Any]) -> List[bytes]:
         raise NotImplementedError
 
     def generate(
@@ -73,8 +115,9 @@ class Client:
         **gen_args: Any,
     ) -> List[bytes]:
         """Encoded image files (JPEG by default; see gen_args output_format)."""
-        return images_from_response(
-            self.infer(model, request_body(prompt, negative_prompt, images or {}, gen_args))
+        body = request_body(prompt, negative_prompt, images or {}, gen_args)
+        return (
+            self.infer_binary(model, body) if self.binary else images_from_response(self.infer(model, body))
         )
 
     def _pil(self, *args, **kwargs) -> List[Image.Image]:

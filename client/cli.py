@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint-url", help="SageMaker runtime URL (e.g. the local MME, http://127.0.0.1:8080)"
     )
     transport.add_argument("--region", help="AWS region of the endpoint (default: the AWS configuration's)")
+    transport.add_argument(
+        "--binary",
+        action="store_true",
+        help="Triton's binary tensor extension (images as files, not base64 in JSON); default: JSON",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for the images (default %(default)s)"
     )
@@ -79,10 +84,12 @@ def make_client(args: argparse.Namespace) -> Client:
     if args.endpoint_name:
         from client.endpoint import EndpointClient
 
-        return EndpointClient(args.endpoint_name, endpoint_url=args.endpoint_url, region=args.region)
+        return EndpointClient(
+            args.endpoint_name, endpoint_url=args.endpoint_url, region=args.region, binary=args.binary
+        )
     from client.triton import TritonClient
 
-    return TritonClient(args.url)
+    return TritonClient(args.url, binary=args.binary)
 
 
 def run(args: argparse.Namespace, client: Client) -> List[Path]:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from client.base import Client, ModelError
+from client.base import Client, ModelError, binary_request, images_from_binary_response
 
 log = logging.getLogger("client")
+# Triton's binary tensor extension through SageMaker; the JSON header's size goes in the content type.
+BINARY_JSON = "application/vnd.sagemaker-triton.binary+json"
 # A cold model is downloaded and loaded on its first request: wait, then retry what says "not yet".
 RETRYABLE = {
     "ModelNotReadyException",
@@ -32,6 +35,7 @@ class EndpointClient(Client):
         region: Optional[str] = None,
         retries: int = 5,
         read_timeout: float = 900.0,
+        binary: bool = False,
     ):
         config = Config(read_timeout=read_timeout, retries={"max_attempts": 3, "mode": "adaptive"})
         session = boto3.Session(region_name=region)
@@ -43,20 +47,30 @@ class EndpointClient(Client):
         self.runtime = session.client(
             "sagemaker-runtime", endpoint_url=endpoint_url, region_name=region, config=config
         )
-        self.endpoint_name, self.retries = endpoint_name, retries
+        self.endpoint_name, self.retries, self.binary = endpoint_name, retries, binary
 
     def infer(self, model: str, body: Dict[str, Any]) -> Dict[str, Any]:
+        response = self._invoke(model, json.dumps(body).encode(), "application/json")
+        return json.loads(response["Body"].read())
+
+    def infer_binary(self, model: str, body: Dict[str, Any]) -> List[bytes]:
+        data, header_size = binary_request(body)
+        response = self._invoke(model, data, f"{BINARY_JSON};json-header-size={header_size}")
+        content_type = response.get("ContentType", "")
+        match = re.search(r"json-header-size=(\d+)", content_type)
+        return images_from_binary_response(response["Body"].read(), int(match.group(1)) if match else None)
+
+    def _invoke(self, model: str, data: bytes, content_type: str) -> Dict[str, Any]:
         attempt = 0
         while True:
             try:
-                response = self.runtime.invoke_endpoint(
+                return self.runtime.invoke_endpoint(
                     EndpointName=self.endpoint_name,
                     TargetModel=f"{model}.tar.gz",
-                    ContentType="application/json",
-                    Accept="application/json",
-                    Body=json.dumps(body),
+                    ContentType=content_type,
+                    Accept=content_type.split(";")[0],
+                    Body=data,
                 )
-                return json.loads(response["Body"].read())
             except ClientError as e:
                 code = e.response["Error"]["Code"]
                 if code == "ModelError":

@@ -44,10 +44,10 @@ def decode(field: str, data: Union[bytes, str], max_pixels: int, mode: str = "RG
 
 
 def encode(image: Image.Image, output_format: str, quality: int) -> bytes:
-    """Encode to base64 bytes in the requested format (the AWS sample decodes with PIL, any format)."""
+    """The image file in the requested format (the AWS sample decodes with PIL, any format)."""
     buffer = io.BytesIO()
     if output_format == "png":
         image.save(buffer, format="PNG")
     else:
         image.save(buffer, format=output_format.upper(), quality=quality)
-    return base64.b64encode(buffer.getvalue())
+    return buffer.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sys
@@ -15,6 +16,8 @@ from sdmme import batching, images, pipelines
 from sdmme.spec import MODELS, InvalidInput, ModelSpec
 
 log = logging.getLogger("sdmme")
+BASE64, FILES = "generated_image", "generated_image_bytes"  # the image files as base64, or as they are
+OUTPUTS = (BASE64, FILES)
 
 
 def _error(message: str, code=None):
@@ -40,8 +43,9 @@ def check_config(spec: ModelSpec, config: dict) -> None:
             problems.append(f"input {name} must {'' if optional else 'not '}be optional")
     problems += [f"input {name} is not in the spec" for name in declared]
     outputs = {o["name"]: o for o in config.get("output", [])}
-    if outputs.get("generated_image", {}).get("data_type") != "TYPE_STRING":
-        problems.append("output generated_image (TYPE_STRING) is missing")
+    for name in OUTPUTS:
+        if outputs.get(name, {}).get("data_type") != "TYPE_STRING":
+            problems.append(f"output {name} (TYPE_STRING) is missing")
     if problems:
         raise ValueError(
             f"config.pbtxt of {config.get('name')} disagrees with the {spec.name} spec (sdmme/spec.py): "
@@ -92,9 +96,9 @@ class DiffusionModel:
             message = f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}"
             return None, _error(message, pb_utils.TritonError.INVALID_ARG)
 
-    def _respond(self, job, generated):
+    def _respond(self, job, generated, requested):
         try:
-            encoded = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
+            files = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
         except Exception as e:
             log.exception("%s: encoding request %d's images failed", self.spec.name, job.index)
             return _error(
@@ -102,11 +106,24 @@ class DiffusionModel:
                 f"({type(e).__name__}: {e}); try another output_format",
                 pb_utils.TritonError.INVALID_ARG,
             )
-        tensor = pb_utils.Tensor("generated_image", np.array([encoded], dtype=np.object_))
-        return pb_utils.InferenceResponse(output_tensors=[tensor])
+        tensors = []
+        if BASE64 in requested:
+            tensors.append(
+                pb_utils.Tensor(BASE64, np.array([[base64.b64encode(f) for f in files]], np.object_))
+            )
+        if FILES in requested:
+            tensors.append(pb_utils.Tensor(FILES, np.array([files], dtype=np.object_)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    @staticmethod
+    def _requested(request) -> set:
+        """The outputs a request asked for; base64 alone when it named none (Triton then lists all)."""
+        names = set(request.requested_output_names())
+        return {BASE64} if not names or names == set(OUTPUTS) else names
 
     def execute(self, requests):
         responses = [None] * len(requests)
+        requested = [self._requested(r) for r in requests]
         jobs = []
         for i, request in enumerate(requests):
             job, responses[i] = self._parse(i, request)
@@ -122,7 +139,7 @@ class DiffusionModel:
                     responses[job.index] = _error(message)
                 continue
             for job, generated in zip(group, outcome):
-                responses[job.index] = self._respond(job, generated)
+                responses[job.index] = self._respond(job, generated, requested[job.index])
         return responses
 
     def finalize(self):

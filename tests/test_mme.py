@@ -17,6 +17,7 @@ from conftest import b64, picture, point_aws_at, sample_payload
 from PIL import Image
 
 from client import EndpointClient
+from client.base import binary_request, request_body
 from client.cli import main as cli
 from deploy import tarball, upload
 from deploy.mme.service import LocalEndpoint
@@ -278,3 +279,24 @@ def test_endpoint_client_and_cli(mme, tmp_path):
         ]
     )
     assert code == 0 and Image.open(tmp_path / "txt2img-0.jpg").size == (64, 64)
+
+
+def test_binary_transport_through_sagemaker(mme):
+    """`application/vnd.sagemaker-triton.binary+json`: the image files, not base64 inside JSON."""
+    args = {"num_inference_steps": 2, "seed": 5, "output_format": "png"}
+    json_client = EndpointClient(NAME, endpoint_url=mme.url, region="us-east-1")
+    binary_client = EndpointClient(NAME, endpoint_url=mme.url, region="us-east-1", binary=True)
+    expected = json_client.generate("sd_upscale", "a", images={"image": picture(32, 32)}, **args)
+    assert binary_client.generate("sd_upscale", "a", images={"image": picture(32, 32)}, **args) == expected
+    data, header_size = binary_request(request_body("a", None, {"image": picture(32, 32)}, args))
+    response = mme.runtime.invoke_endpoint(
+        EndpointName=NAME,
+        TargetModel="sd_upscale.tar.gz",
+        ContentType=f"application/vnd.sagemaker-triton.binary+json;json-header-size={header_size}",
+        Body=data,
+    )
+    assert response["ContentType"].startswith(
+        "application/vnd.sagemaker-triton.binary+json;json-header-size="
+    )
+    body = response["Body"].read()
+    assert body.endswith(expected[0]) and len(body) < len(expected[0]) * 4 / 3

@@ -18,6 +18,8 @@ from conftest import ROOT, b64, get, picture, post, sample_payload
 from PIL import Image
 
 from client import ModelError
+from client.base import request_body
+from client.triton import TritonClient
 from deploy.tritonserver import free_port
 from sdmme.spec import MODELS, SCHEDULERS
 
@@ -238,3 +240,13 @@ def test_make_serve_command_serves_the_aws_payload(tiny_repository):
         os.killpg(process.pid, signal.SIGINT)
         output = process.communicate(timeout=60)[0].decode()
     assert f"on http://127.0.0.1:{ports[0]}" in output
+
+
+def test_binary_transport_gives_the_same_image_files(server, client):
+    """Opt-in binary tensors: the files themselves; a request naming no output still gets base64."""
+    args = {"seed": 3, "height": 64, "width": 64, "output_format": "png", **FAST}
+    expected = client.generate("sd_base", "a", **args)
+    binary = TritonClient(server.url, binary=True)
+    assert binary.generate("sd_base", "a", **args) == expected
+    status, body = post(server, "/v2/models/sd_base/infer", request_body("a", None, {}, args))
+    assert status == 200 and [o["name"] for o in body["outputs"]] == ["generated_image"]
