@@ -101,7 +101,7 @@ iam-policy: venv
 	@$(PY) -m deploy.sagemaker iam-policy --bucket "$(BUCKET)" --prefix "$(PREFIX)"
 
 bench: weights
-	$(PY) -m bench.batching
+	$(PY) -m bench.serving
 
 docs: venv
 	$(PY) -m sdmme.docs

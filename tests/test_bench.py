@@ -5,7 +5,7 @@ import sys
 
 from conftest import ROOT
 
-from bench import gpu
+from bench import gpu, serving
 
 
 def test_bench_gpu_refuses_without_a_gpu():
@@ -37,3 +37,15 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     ]:
         assert row in report, row
     assert "Fastest: " in report
+
+
+def test_make_bench_sections_against_a_real_server(server, tiny_repository):
+    """`make bench`'s three measurements, small: they run and report what they claim to."""
+    lines = serving.overhead(server, tiny_repository, steps=2, size=64, repeats=1)
+    assert lines[-1].startswith("  overhead: ") and lines[-1].endswith("%")
+    lines = serving.batching_gain(server, count=3, steps=2, size=64)
+    assert "one at a time" in lines[1] and "in 3 execute() calls" in lines[1]
+    lines = serving.transport(server, side=32)
+    json_bytes = int(lines[1].split("response ")[1].split()[0])
+    binary_bytes = int(lines[2].split("response ")[1].split()[0])
+    assert binary_bytes < json_bytes
