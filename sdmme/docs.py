@@ -1,7 +1,9 @@
-"""The README's gen_args table, generated from sdmme.spec (`make docs` rewrites it in place)."""
+"""The README's tables of gen_args (from sdmme.spec) and of pipeline settings (from
+sdmme.pipelines.Settings); `make docs` rewrites them in place."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 from sdmme.spec import MODELS
 
 BEGIN, END = "<!-- gen_args:begin -->", "<!-- gen_args:end -->"
+SETTINGS_BEGIN, SETTINGS_END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
 def gen_args_table() -> str:
@@ -47,11 +50,33 @@ def gen_args_table() -> str:
     return "\n".join(lines)
 
 
+def settings_table() -> str:
+    from sdmme import pipelines  # torch and diffusers: only `make docs` and the tests import this
+
+    def show(value) -> str:
+        return f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+    lines = [
+        "| parameter | values | GPU default | CPU default | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for field in dataclasses.fields(pipelines.Settings):
+        values = pipelines.CHOICES.get(field.name, ("true", "false"))
+        gpu, cpu = getattr(pipelines.GPU_DEFAULTS, field.name), getattr(pipelines.CPU_DEFAULTS, field.name)
+        lines.append(
+            f"| `{field.name}` | {', '.join(values)} | {show(gpu)} | {show(cpu)} | {field.metadata['help']} |"
+        )
+    return "\n".join(lines)
+
+
+def _replace(text: str, begin: str, end: str, table: str) -> str:
+    block = f"{begin}\n{table}\n{end}"
+    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+
+
 def update(readme: Path) -> None:
-    text = readme.read_text()
-    block = f"{BEGIN}\n{gen_args_table()}\n{END}"
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    readme.write_text(new)
+    text = _replace(readme.read_text(), BEGIN, END, gen_args_table())
+    readme.write_text(_replace(text, SETTINGS_BEGIN, SETTINGS_END, settings_table()))
 
 
 if __name__ == "__main__":

@@ -47,21 +47,30 @@ CHOICES = {
 TRITON_PARAMETERS = ("EXECUTION_ENV_PATH",)
 
 
+def _setting(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Settings:
     """How a pipeline is set up for speed; config.pbtxt `parameters` of the same names override them.
 
-    The GPU defaults are the fastest settings that cost no cold-start time and change no output beyond
-    rounding; `docs/benchmarks.md` holds the measurements (`make bench-gpu`) they are chosen from.
+    The GPU defaults are meant to be the fastest settings that cost no cold-start time and change no
+    output beyond rounding, as measured by `make bench-gpu` (docs/benchmarks.md). Until it has run on a
+    GPU they follow published numbers: SDPA is as fast as xformers or faster on torch 2.
     """
 
-    dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
-    attention: str = "sdpa"  # PyTorch scaled_dot_product_attention, or xformers when usable
-    channels_last: bool = False  # NHWC memory layout for the UNet and the VAE
-    fuse_qkv: bool = False  # one matmul for q, k, v (self-attention) and k, v (cross-attention)
-    compile: str = "none"  # torch.compile the UNet at load (minutes of cold start; warmed up there)
-    vae_slicing: bool = True  # decode a batch one image at a time: large batches fit in memory
-    vae_tiling: bool = False  # decode in overlapping tiles: large outputs (the upscaler) fit in memory
+    dtype: str = _setting("auto", "Weights and activations; auto: float16 on GPU, float32 on CPU.")
+    attention: str = _setting("sdpa", "Attention kernel: PyTorch SDPA, or xformers (SDPA when unusable).")
+    channels_last: bool = _setting(False, "NHWC memory layout for the UNet and the VAE.")
+    fuse_qkv: bool = _setting(
+        False, "One projection matmul for q, k, v (k, v in cross-attention); SDPA only."
+    )
+    compile: str = _setting("none", "torch.compile the UNet at load, warmed up there: minutes of cold start.")
+    vae_slicing: bool = _setting(True, "Decode a batch one image at a time, so large batches fit in memory.")
+    vae_tiling: bool = _setting(
+        False, "Decode in overlapping tiles, so large outputs (upscaler) fit in memory."
+    )
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], base: Settings) -> Settings:
@@ -79,7 +88,7 @@ class Settings:
                 if text.lower() not in ("true", "false"):
                     raise ValueError(f"config.pbtxt parameter {key} must be true or false, got {text!r}")
                 values[key] = text.lower() == "true"
-            elif text not in CHOICES[key]:
+            elif text not in CHOICES[key]:  # every other setting is a choice
                 raise ValueError(
                     f"config.pbtxt parameter {key}={text!r} is not one of {', '.join(CHOICES[key])}"
                 )
