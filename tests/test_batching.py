@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import b64, picture
 from PIL import Image
 
-from sdmme import batching
+from sdmme import batching, pipelines
 from sdmme.spec import MODELS, InvalidInput
 
 
@@ -58,16 +59,24 @@ def test_plan_groups_compatible_and_caps_images():
 
 
 class FakeRunner:
-    """Stands in for the pipeline (not for Triton): fails any call whose prompts include 'boom'."""
+    """Stands in for the pipeline (not for Triton): fails any call whose prompts include 'boom', and
+    runs out of memory (as torch reports it) above `fits` images in one call."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, fits: int = 99):
+        self.calls, self.fits, self.freed = [], fits, 0
 
     def __call__(self, args, prompts, negative_prompts, seeds, images):
         self.calls.append(prompts)
         if "boom" in prompts:
             raise RuntimeError("exploded")
+        if len(seeds) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [Image.new("RGB", (8, 8), (seed % 256, 0, 0)) for seed in seeds]
+
+    def free_memory(self):
+        self.freed += 1
+
+    is_out_of_memory = staticmethod(pipelines.is_out_of_memory)
 
 
 def test_execute_isolates_a_failing_group_and_splits_images_back():
@@ -84,3 +93,22 @@ def test_execute_isolates_a_failing_group_and_splits_images_back():
         im.getpixel((0, 0))[0] for im in third
     ] == [5]
     assert runner.calls[0] == ["a", "a", "c"]
+
+
+def test_out_of_memory_splits_the_group_before_failing_anyone():
+    runner = FakeRunner(fits=2)
+    jobs = [job(i, f"p{i}", seed=i) for i in range(4)] + [job(4, "big", seed=9, num_images_per_prompt=3)]
+    outcomes = {tuple(j.index for j in g): r for g, r in batching.execute(runner, jobs)}
+    # 7 images do not fit: halves of the group are retried until each fits, or is one request too big
+    assert [len(c) for c in runner.calls] == [7, 2, 5, 1, 4, 1, 3]
+    failed = {k: isinstance(v, Exception) for k, v in outcomes.items()}
+    assert failed == {(0, 1): False, (2,): False, (3,): False, (4,): True}
+    assert pipelines.is_out_of_memory(outcomes[(4,)]) and runner.freed == 4
+
+
+def test_out_of_memory_is_told_apart_from_other_errors():
+    assert pipelines.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert pipelines.is_out_of_memory(MemoryError())
+    assert pipelines.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert not pipelines.is_out_of_memory(ValueError("out of memory"))  # a caller's text is not an OOM
+    assert not pipelines.is_out_of_memory(RuntimeError("shape mismatch"))
