@@ -59,7 +59,7 @@ def in_process(repository: Path, request: dict, repeats: int) -> float:
 
     def once() -> float:
         start = time.perf_counter()
-        job = batching.parse(spec, 0, inputs)
+        job = batching.parse(spec, 0, inputs, runner.min_image_side)
         [generated] = batching.run(runner, [job])
         [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
         return time.perf_counter() - start

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from PIL import Image
 
 ImageLike = Union[Image.Image, bytes, str]  # a PIL image, encoded file bytes, or a path
-BASE64, FILES = "generated_image", "generated_image_bytes"  # the model's outputs (config.pbtxt)
+BASE64, FILES, WARNINGS = "generated_image", "generated_image_bytes", "warnings"  # config.pbtxt outputs
+Result = Tuple[List[bytes], List[str]]  # encoded image files, and the server's warnings
+log = logging.getLogger("client")
 
 
 class ModelError(Exception):
@@ -51,12 +54,17 @@ def request_body(
     }
 
 
-def images_from_response(response: Dict[str, Any]) -> List[bytes]:
-    """Encoded image files from a KServe v2 JSON response."""
-    for output in response["outputs"]:
-        if output["name"] == BASE64:
-            return [base64.b64decode(item) for item in output["data"]]
-    raise ValueError(f"response has no {BASE64} output")
+def with_outputs(body: Dict[str, Any]) -> Dict[str, Any]:
+    """The body asking for the base64 images and the warnings (the AWS sample names no output)."""
+    return dict(body, outputs=[{"name": BASE64}, {"name": WARNINGS}])
+
+
+def images_from_response(response: Dict[str, Any]) -> Result:
+    """Encoded image files and warnings from a KServe v2 JSON response."""
+    outputs = {output["name"]: output["data"] for output in response["outputs"]}
+    if BASE64 not in outputs:
+        raise ValueError(f"response has no {BASE64} output")
+    return [base64.b64decode(item) for item in outputs[BASE64]], list(outputs.get(WARNINGS, []))
 
 
 def binary_inputs(body: Dict[str, Any]) -> list:
@@ -80,15 +88,37 @@ def binary_request(body: Dict[str, Any]) -> Tuple[bytes, int]:
     """
     import tritonclient.http as httpclient
 
-    outputs = [httpclient.InferRequestedOutput(FILES, binary_data=True)]
-    return httpclient.InferenceServerClient.generate_request_body(binary_inputs(body), outputs=outputs)
+    return httpclient.InferenceServerClient.generate_request_body(
+        binary_inputs(body), outputs=binary_outputs()
+    )
 
 
-def images_from_binary_response(data: bytes, header_length: Optional[int]) -> List[bytes]:
+def binary_outputs() -> list:
     import tritonclient.http as httpclient
 
-    result = httpclient.InferenceServerClient.parse_response_body(data, header_length=header_length)
-    return list(result.as_numpy(FILES).reshape(-1))
+    return [
+        httpclient.InferRequestedOutput(FILES, binary_data=True),
+        httpclient.InferRequestedOutput(WARNINGS, binary_data=False),
+    ]
+
+
+def images_from_result(result) -> Result:
+    """Encoded image files and warnings from a tritonclient InferResult."""
+    warnings = result.as_numpy(WARNINGS)
+    warnings = (
+        []
+        if warnings is None
+        else [w.decode() if isinstance(w, bytes) else str(w) for w in warnings.reshape(-1)]
+    )
+    return list(result.as_numpy(FILES).reshape(-1)), warnings
+
+
+def images_from_binary_response(data: bytes, header_length: Optional[int]) -> Result:
+    import tritonclient.http as httpclient
+
+    return images_from_result(
+        httpclient.InferenceServerClient.parse_response_body(data, header_length=header_length)
+    )
 
 
 class Client:
@@ -99,11 +129,12 @@ class Client:
     """
 
     binary = False
+    warnings: List[str] = []  # the server's warnings about the last request (also logged)
 
     def infer(self, model: str, body: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def infer_binary(self, model: str, body: Dict[str, Any]) -> List[bytes]:
+    def infer_binary(self, model: str, body: Dict[str, Any]) -> Result:
         raise NotImplementedError
 
     def generate(
@@ -116,9 +147,13 @@ class Client:
     ) -> List[bytes]:
         """Encoded image files (JPEG by default; see gen_args output_format)."""
         body = request_body(prompt, negative_prompt, images or {}, gen_args)
-        return (
-            self.infer_binary(model, body) if self.binary else images_from_response(self.infer(model, body))
-        )
+        if self.binary:
+            files, self.warnings = self.infer_binary(model, body)
+        else:
+            files, self.warnings = images_from_response(self.infer(model, with_outputs(body)))
+        for warning in self.warnings:
+            log.warning("%s: %s", model, warning)
+        return files
 
     def _pil(self, *args, **kwargs) -> List[Image.Image]:
         return [Image.open(io.BytesIO(data)) for data in self.generate(*args, **kwargs)]

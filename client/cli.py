@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace, client: Client) -> List[Path]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # the server's warnings
     try:
         for path in run(args, make_client(args)):
             print(path)

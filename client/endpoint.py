@@ -6,14 +6,14 @@ import json
 import logging
 import re
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from client.base import Client, ModelError, binary_request, images_from_binary_response
+from client.base import Client, ModelError, Result, binary_request, images_from_binary_response
 
 log = logging.getLogger("client")
 # Triton's binary tensor extension through SageMaker; the JSON header's size goes in the content type.
@@ -53,7 +53,7 @@ class EndpointClient(Client):
         response = self._invoke(model, json.dumps(body).encode(), "application/json")
         return json.loads(response["Body"].read())
 
-    def infer_binary(self, model: str, body: Dict[str, Any]) -> List[bytes]:
+    def infer_binary(self, model: str, body: Dict[str, Any]) -> Result:
         data, header_size = binary_request(body)
         response = self._invoke(model, data, f"{BINARY_JSON};json-header-size={header_size}")
         content_type = response.get("ContentType", "")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from client.base import BASE64, FILES, Client, ModelError, binary_inputs
+from client.base import (
+    BASE64,
+    Client,
+    ModelError,
+    Result,
+    binary_inputs,
+    binary_outputs,
+    images_from_result,
+)
 
 
 class TritonClient(Client):
@@ -20,13 +28,12 @@ class TritonClient(Client):
         )
         self.binary = binary
 
-    def infer_binary(self, model: str, body: Dict[str, Any]) -> List[bytes]:
-        outputs = [httpclient.InferRequestedOutput(FILES, binary_data=True)]
+    def infer_binary(self, model: str, body: Dict[str, Any]) -> Result:
         try:
-            result = self.triton.infer(model, binary_inputs(body), outputs=outputs)
+            result = self.triton.infer(model, binary_inputs(body), outputs=binary_outputs())
         except InferenceServerException as e:
             raise ModelError(int(e.status() or 500), e.message()) from None
-        return list(result.as_numpy(FILES).reshape(-1))
+        return images_from_result(result)
 
     def infer(self, model: str, body: Dict[str, Any]) -> Dict[str, Any]:
         inputs = []
@@ -36,7 +43,8 @@ class TritonClient(Client):
                 np.array(item["data"], dtype=np.object_).reshape(item["shape"]), binary_data=False
             )
             inputs.append(tensor)
-        outputs = [httpclient.InferRequestedOutput(BASE64, binary_data=False)]
+        names = [o["name"] for o in body.get("outputs", [{"name": BASE64}])]
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=False) for name in names]
         try:
             return self.triton.infer(model, inputs, outputs=outputs).get_response()
         except InferenceServerException as e:

@@ -11,14 +11,14 @@ import math
 import secrets
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from sdmme import images
-from sdmme.spec import InvalidInput, ModelSpec
+from sdmme.spec import MAX_GEN_ARGS_CHARS, MAX_PROMPT_CHARS, InvalidInput, ModelSpec, show
 
 log = logging.getLogger("sdmme")
 MAX_IMAGES_PER_CALL = 8  # one pipeline call generates at most this many images
@@ -35,6 +35,7 @@ class Job:
     images: Dict[str, Any]  # input name -> PIL image
     args: Dict[str, Any]  # complete and validated gen_args, sizes resolved
     seeds: List[int]  # one per image
+    warnings: List[str] = field(default_factory=list)  # told to the caller (output `warnings`) and logged
 
     def group_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call."""
@@ -61,28 +62,58 @@ def _text(name: str, array: Optional[np.ndarray], required: bool = False) -> Opt
     return str(value)
 
 
+def _prompt(name: str, array: Optional[np.ndarray], required: bool = False) -> str:
+    text = _text(name, array, required) or ""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidInput(
+            f"{name} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted (the text encoder "
+            "reads the first 77 tokens, about 300 characters)"
+        )
+    return text
+
+
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({show(k, 40) for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise InvalidInput(f"gen_args names {', '.join(repeated)} more than once")
+    return dict(pairs)
+
+
 def _gen_args(text: Optional[str]) -> Dict[str, Any]:
     if text is None or not text.strip():
         return {}
+    if len(text) > MAX_GEN_ARGS_CHARS:
+        raise InvalidInput(f"gen_args has {len(text)} characters; at most {MAX_GEN_ARGS_CHARS} are accepted")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         raise InvalidInput(f"gen_args is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InvalidInput("gen_args is not valid JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise InvalidInput(f"gen_args must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def parse(spec: ModelSpec, index: int, inputs: Mapping[str, Optional[np.ndarray]]) -> Job:
-    prompt = _text("prompt", inputs.get("prompt"), required=True)
-    negative = _text("negative_prompt", inputs.get("negative_prompt")) or ""
+def output_size(spec: ModelSpec, args: Dict[str, Any], decoded: Dict[str, Any]) -> Tuple[int, int]:
+    """Width and height of the images a request will get."""
+    if args.get("height"):
+        return args["width"], args["height"]
+    width, height = decoded["image"].size
+    return width * spec.output_scale, height * spec.output_scale
+
+
+def parse(spec: ModelSpec, index: int, inputs: Mapping[str, Optional[np.ndarray]], min_side: int) -> Job:
+    """Decode and check one request; `min_side` is the smallest image side the loaded model handles."""
+    prompt = _prompt("prompt", inputs.get("prompt"), required=True)
+    negative = _prompt("negative_prompt", inputs.get("negative_prompt"))
     args = spec.validate_args(_gen_args(_text("gen_args", inputs.get("gen_args"))))
     decoded = {}
     for name in spec.image_inputs:
         mode = "L" if name == "mask_image" else "RGB"
-        decoded[name] = images.decode(
-            name, _text(name, inputs.get(name), required=True), spec.max_image_pixels, mode
-        )
+        text = _text(name, inputs.get(name), required=True)
+        decoded[name] = images.decode(name, text, spec.max_image_pixels, min_side, mode)
     if "mask_image" in decoded and decoded["mask_image"].size != decoded["image"].size:
         raise InvalidInput(
             "mask_image must have the size of image: got mask {}x{} for image {}x{}".format(
@@ -93,6 +124,13 @@ def parse(spec: ModelSpec, index: int, inputs: Mapping[str, Optional[np.ndarray]
         width, height = decoded["image"].size
         args["height"] = args["height"] or height
         args["width"] = args["width"] or width
+    width, height = output_size(spec, args, decoded)
+    limit = images.MAX_SIDE[args["output_format"]]
+    if max(width, height) > limit:
+        raise InvalidInput(
+            f"the output would be {width}x{height} and output_format {args['output_format']} encodes at most "
+            f"{limit} pixels a side; use output_format png or jpeg"
+        )
     seed = args["seed"] if args["seed"] is not None else secrets.randbelow(2**32)
     seeds = [(seed + i) % 2**32 for i in range(args["num_images_per_prompt"])]
     return Job(index, prompt, negative, decoded, args, seeds)

@@ -180,6 +180,17 @@ def load(spec: ModelSpec, weights: Path, device: torch.device, settings: Setting
     return pipeline
 
 
+def min_image_side(pipeline) -> int:
+    """Smallest input side the architecture handles: one latent cell at the UNet's deepest level.
+
+    SD 2 (VAE x8, 3 downsamplings): 64 pixels. The upscaler's UNet runs at the input's own size: 8.
+    """
+    downsamplings = len(pipeline.unet.config.block_out_channels) - 1
+    upscaler = isinstance(pipeline, diffusers.StableDiffusionUpscalePipeline)
+    to_latent = 1 if upscaler else pipeline.vae_scale_factor
+    return max(8, to_latent * 2**downsamplings)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A real allocation failure (GPU or host), as opposed to bad input or a bug."""
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
@@ -204,6 +215,12 @@ class Runner:
         self.device = pipeline.device
         self.default_scheduler = pipeline.scheduler
         self._schedulers: Dict[str, Any] = {"default": pipeline.scheduler}
+        self.min_image_side = min_image_side(pipeline)
+        self.prompt_window = pipeline.tokenizer.model_max_length  # tokens the text encoder reads
+
+    def prompt_tokens(self, text: str) -> int:
+        """Tokens in `text` as the pipeline's tokenizer counts them, start and end markers included."""
+        return len(self.pipeline.tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
     def scheduler(self, name: str):
         if name not in self._schedulers:

@@ -8,12 +8,37 @@ imports nothing heavy so that clients can use it without torch.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 
 class InvalidInput(ValueError):
     """A caller's mistake: reported as HTTP 400 with this message, never as a server error."""
+
+
+# Longest prompt (and negative prompt) accepted, in characters. The text encoder reads 77 tokens (about
+# 300 characters of English); a longer prompt is cut there, and the response's warnings say so.
+MAX_PROMPT_CHARS = 4000
+MAX_GEN_ARGS_CHARS = 4096  # gen_args as JSON text
+
+
+# Behind SageMaker, Triton's front end answers 507 instead of 400 when an error message contains one of
+# these (case-sensitive; measured on tritonserver 2.51): OOM, MemoryError, OutOfMemory, out of memory,
+# Out of memory, Out Of Memory, CUBLAS_STATUS_ALLOC_FAILED, No space left on device. A caller's text
+# echoed in a 400 must never carry them, so look-alikes in any case are cut from such messages.
+_STATUS_WORDS = re.compile(r"oom|memory|alloc|no space left", re.IGNORECASE)
+
+
+def caller_safe(message: str) -> str:
+    """`message` (a 400's, which may echo a caller's text) with nothing that makes SageMaker answer 507."""
+    return _STATUS_WORDS.sub("...", message)
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A caller's value for an error message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -42,17 +67,19 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, self.type):
             raise InvalidInput(
                 f"gen_args.{self.name} must be {self.type.__name__}, got {type(value).__name__} "
-                f"{value!r}; allowed: {self.allowed()}"
+                f"{show(value)}; allowed: {self.allowed()}"
             )
         if self.type is float and not math.isfinite(value):
             raise InvalidInput(f"gen_args.{self.name} must be a finite number; allowed: {self.allowed()}")
         if self.choices is not None and value not in self.choices:
-            raise InvalidInput(f"gen_args.{self.name}={value!r} is not one of {', '.join(self.choices)}")
+            raise InvalidInput(f"gen_args.{self.name}={show(value)} is not one of {', '.join(self.choices)}")
         out_of_range = (self.min is not None and value < self.min) or (
             self.max is not None and value > self.max
         )
         if out_of_range or (self.multiple_of and value % self.multiple_of):
-            raise InvalidInput(f"gen_args.{self.name}={value!r} is out of range; allowed: {self.allowed()}")
+            raise InvalidInput(
+                f"gen_args.{self.name}={show(value)} is out of range; allowed: {self.allowed()}"
+            )
         return value
 
     def allowed(self) -> str:
@@ -135,6 +162,7 @@ class ModelSpec:
     image_inputs: Tuple[str, ...]
     params: Tuple[Param, ...]
     max_image_pixels: int = 0  # largest accepted input image (width * height); 0 when there is none
+    output_scale: int = 1  # output size over input image size (models without height and width)
     description: str = ""
     params_by_name: Dict[str, Param] = field(init=False, repr=False, compare=False)
 
@@ -157,9 +185,9 @@ class ModelSpec:
         """Return the complete, checked arguments for one request; unknown keys are an error."""
         unknown = sorted(set(given) - set(self.params_by_name))
         if unknown:
+            names = ", ".join(show(key, 40)[1:-1] for key in unknown[:5])
             raise InvalidInput(
-                f"unknown gen_args key(s) {', '.join(unknown)} for {self.name}; "
-                f"allowed: {', '.join(self.params_by_name)}"
+                f"unknown gen_args key(s) {names} for {self.name}; allowed: {', '.join(self.params_by_name)}"
             )
         args = self.defaults()
         for key, value in given.items():
@@ -210,6 +238,7 @@ MODELS: Dict[str, ModelSpec] = {
             + (Param("noise_level", int, 20, "Noise added to the low-resolution image.", min=0, max=350),),
             # 512x512 in gives 2048x2048 out, which exhausts a 24 GB GPU in the VAE decoder.
             max_image_pixels=256 * 256,
+            output_scale=4,
             description="x4 super-resolution",
         ),
     )

@@ -13,11 +13,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdmme import batching, images, pipelines
-from sdmme.spec import MODELS, InvalidInput, ModelSpec
+from sdmme.spec import MODELS, InvalidInput, ModelSpec, caller_safe
 
 log = logging.getLogger("sdmme")
 BASE64, FILES = "generated_image", "generated_image_bytes"  # the image files as base64, or as they are
-OUTPUTS = (BASE64, FILES)
+WARNINGS = "warnings"  # what the caller should know (a prompt cut to the text encoder's window)
+OUTPUTS = (BASE64, FILES, WARNINGS)
+
+
+def caller_error(message: str):
+    """A 400 whose status no text from the caller can change (behind SageMaker too)."""
+    return _error(caller_safe(message), pb_utils.TritonError.INVALID_ARG)
 
 
 def _error(message: str, code=None):
@@ -88,23 +94,32 @@ class DiffusionModel:
     def _parse(self, index: int, request):
         try:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-            return batching.parse(self.spec, index, inputs), None
+            job = batching.parse(self.spec, index, inputs, self.runner.min_image_side)
         except InvalidInput as e:
-            return None, _error(str(e), pb_utils.TritonError.INVALID_ARG)
+            return None, caller_error(str(e))
         except Exception as e:  # whatever a caller sends fails that request alone
             log.exception("%s: request %d could not be parsed", self.spec.name, index)
-            message = f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}"
-            return None, _error(message, pb_utils.TritonError.INVALID_ARG)
+            return None, caller_error(f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}")
+        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            tokens = self.runner.prompt_tokens(text)
+            window = self.runner.prompt_window
+            if tokens > window:
+                job.warnings.append(
+                    f"{name} has {tokens} tokens; the text encoder reads the first {window} "
+                    "(start and end markers included) and ignores the rest"
+                )
+        for warning in job.warnings:
+            log.info("%s: request %d: %s", self.spec.name, index, warning)
+        return job, None
 
     def _respond(self, job, generated, requested):
         try:
             files = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
         except Exception as e:
             log.exception("%s: encoding request %d's images failed", self.spec.name, job.index)
-            return _error(
+            return caller_error(
                 f"the generated image could not be encoded as {job.args['output_format']} "
-                f"({type(e).__name__}: {e}); try another output_format",
-                pb_utils.TritonError.INVALID_ARG,
+                f"({type(e).__name__}: {e}); try another output_format"
             )
         tensors = []
         if BASE64 in requested:
@@ -113,13 +128,19 @@ class DiffusionModel:
             )
         if FILES in requested:
             tensors.append(pb_utils.Tensor(FILES, np.array([files], dtype=np.object_)))
+        if WARNINGS in requested:
+            warnings = np.array([[w.encode() for w in job.warnings]], dtype=np.object_).reshape(1, -1)
+            tensors.append(pb_utils.Tensor(WARNINGS, warnings))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     @staticmethod
     def _requested(request) -> set:
-        """The outputs a request asked for; base64 alone when it named none (Triton then lists all)."""
+        """The outputs a request asked for; base64 alone when it named none (Triton then lists all),
+        as the AWS sample expects."""
         names = set(request.requested_output_names())
-        return {BASE64} if not names or names == set(OUTPUTS) else names
+        if not names or names == set(OUTPUTS):
+            return {BASE64}
+        return names if names & {BASE64, FILES} else names | {BASE64}
 
     def execute(self, requests):
         responses = [None] * len(requests)

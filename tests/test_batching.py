@@ -20,7 +20,7 @@ def job(index, prompt="p", model="sd_base", **gen_args):
     inputs = {"prompt": tensor(prompt), "gen_args": tensor(json.dumps(gen_args))}
     if model != "sd_base":
         inputs["image"] = tensor(b64(picture(64, 64)))
-    return batching.parse(MODELS[model], index, inputs)
+    return batching.parse(MODELS[model], index, inputs, min_side=16)
 
 
 def test_parse_fills_defaults_and_seeds():
@@ -31,7 +31,7 @@ def test_parse_fills_defaults_and_seeds():
 
 def test_parse_rejects_batched_request():
     with pytest.raises(InvalidInput, match=r"shape \[1, 1\]\), got shape \[2, 1\]"):
-        batching.parse(MODELS["sd_base"], 0, {"prompt": np.array([[b"a"], [b"b"]], dtype=np.object_)})
+        batching.parse(MODELS["sd_base"], 0, {"prompt": np.array([[b"a"], [b"b"]], dtype=np.object_)}, 16)
 
 
 def test_inpaint_size_defaults_to_image_size():
@@ -40,7 +40,7 @@ def test_inpaint_size_defaults_to_image_size():
         "image": tensor(b64(picture(96, 72))),
         "mask_image": tensor(b64(picture(96, 72))),
     }
-    parsed = batching.parse(MODELS["sd_inpaint"], 0, inputs)
+    parsed = batching.parse(MODELS["sd_inpaint"], 0, inputs, min_side=16)
     assert (parsed.args["width"], parsed.args["height"]) == (96, 72)
     assert parsed.images["mask_image"].mode == "L"
 

@@ -300,3 +300,15 @@ def test_binary_transport_through_sagemaker(mme):
     )
     body = response["Body"].read()
     assert body.endswith(expected[0]) and len(body) < len(expected[0]) * 4 / 3
+
+
+def test_a_callers_text_cannot_turn_a_400_into_a_507(mme):
+    """Triton's SageMaker front end answers 507 to messages with out-of-memory words; echoes are cut."""
+    for value in ("out of memory", "OOM", "MemoryError"):
+        with pytest.raises(ClientError) as e:
+            invoke(mme, "sd_base.tar.gz", prompt="a", gen_args=json.dumps({"scheduler": value}))
+        error = e.value.response
+        assert error["OriginalStatusCode"] == 400, error
+        assert (
+            "gen_args.scheduler=" in error["OriginalMessage"] and "is not one of" in error["OriginalMessage"]
+        )

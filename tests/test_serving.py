@@ -149,7 +149,7 @@ BAD_INPUTS = [
         {"image": b64(picture(300, 300))},
         "image is 300x300 (90000 pixels); this model accepts at most 65536",
     ),
-    ("sd_depth", {"image": b64(picture(16, 64))}, "both sides must be at least 32"),
+    ("sd_depth", {"image": b64(picture(8, 64))}, "both sides must be at least 16"),  # tiny UNet: 2 levels
     (
         "sd_inpaint",
         {"image": b64(picture(64, 64)), "mask_image": b64(picture(72, 64))},
