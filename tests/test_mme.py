@@ -4,7 +4,9 @@ import base64
 import io
 import json
 import logging
+import os
 import shutil
+import signal
 import tarfile
 import time
 import urllib.request
@@ -312,3 +314,62 @@ def test_a_callers_text_cannot_turn_a_400_into_a_507(mme):
         assert (
             "gen_args.scheduler=" in error["OriginalMessage"] and "is not one of" in error["OriginalMessage"]
         )
+
+
+def test_target_model_is_validated_and_never_a_local_path(mme, dist, aws):
+    before = sorted(p.name for p in mme.root.parent.iterdir())
+    with pytest.raises(ClientError) as e:
+        invoke(mme, "../../escape.tar.gz", prompt="a")
+    assert "Failed to download model data" in e.value.response["Error"]["Message"]
+    assert sorted(p.name for p in mme.root.parent.iterdir()) == before  # nothing written outside the root
+    with pytest.raises(ClientError) as e:
+        invoke(mme, "x" * 1025, prompt="a")
+    assert "failed to satisfy constraint" in e.value.response["Error"]["Message"]
+    # nested names are keys under ModelDataUrl, as on SageMaker
+    boto3.client("s3").upload_file(str(dist / "sd_upscale.tar.gz"), BUCKET, f"{PREFIX}/nested/up.tar.gz")
+    assert invoke(mme, "nested/up.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args=FAST).size == (
+        128,
+        128,
+    )
+
+
+def test_request_over_six_megabytes_is_refused_unread(mme):
+    with pytest.raises(ClientError) as e:
+        mme.runtime.invoke_endpoint(
+            EndpointName=NAME,
+            TargetModel="sd_base.tar.gz",
+            ContentType="application/json",
+            Body=b"x" * (7 << 20),
+        )
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert "exceeds SageMaker's limit of 6291456 bytes" in e.value.response["Error"]["Message"]
+    assert invoke(mme, "sd_depth.tar.gz", prompt="a", image=b64(picture(64, 64)), gen_args=FAST).size == (
+        64,
+        64,
+    )
+
+
+def test_concurrent_cold_loads_stay_within_the_limit(mme):
+    mme.manager.unload_all()
+    mme.manager.peak = 0
+    image = b64(picture(32, 32))
+    calls = [
+        ("sd_base.tar.gz", {"gen_args": json.dumps({"height": 64, "width": 64, **json.loads(FAST)})}),
+        ("sd_depth.tar.gz", {"image": image, "gen_args": FAST}),
+        ("sd_upscale.tar.gz", {"image": image, "gen_args": FAST}),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        sizes = list(pool.map(lambda call: invoke(mme, call[0], prompt="a", **call[1]).size, calls))
+    assert sizes == [(64, 64), (32, 32), (128, 128)]
+    assert mme.manager.peak == 2 and len(mme.manager.loaded()) == 2  # the limit of 2, never 3
+
+
+def test_a_dead_tritonserver_is_restarted_and_models_reload(mme, caplog):
+    """Last in this module: it replaces the endpoint's tritonserver."""
+    caplog.set_level(logging.INFO, logger="mme")
+    os.killpg(mme.triton.process.pid, signal.SIGKILL)
+    mme.triton.process.wait()
+    image = b64(picture(32, 32))
+    assert invoke(mme, "sd_upscale.tar.gz", prompt="a", image=image, gen_args=FAST).size == (128, 128)
+    assert mme.manager.restarts == 1 and "restarting it" in caplog.text
+    assert invoke(mme, "sd_depth.tar.gz", prompt="a", image=image, gen_args=FAST).size == (32, 32)

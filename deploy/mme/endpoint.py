@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from botocore.exceptions import ClientError
 
@@ -22,6 +23,28 @@ from deploy.mme import archive, frontend
 
 log = logging.getLogger("mme")
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # SageMaker's real-time response limit
+MAX_REQUEST_BYTES = 6 * 1024 * 1024  # and its request body limit (InvokeEndpoint's Body, 6291456 bytes)
+# InvokeEndpoint's constraint on TargetModel: 1 to 1024 printable characters, the first not a space. It is
+# a key under ModelDataUrl (nested names such as a/b.tar.gz are fine); it never names a local path here.
+TARGET_MODEL = re.compile(r"\A\S[\x20-\x7e\u00a0-\U0010ffff]*\Z")
+
+
+def check_target(target: Optional[str]) -> str:
+    if not target:
+        raise EndpointError(
+            400,
+            "ValidationError",
+            "TargetModel is required for a multi-model endpoint (X-Amzn-SageMaker-Target-Model)",
+        )
+    if len(target) > 1024 or not TARGET_MODEL.match(target):
+        raise EndpointError(
+            400,
+            "ValidationError",
+            f"1 validation error detected: Value '{target[:100]}' at 'targetModel' failed to satisfy "
+            "constraint: Member must satisfy regular expression pattern: \\A\\S[\\p{Print}]*\\z and have "
+            "length less than or equal to 1024",
+        )
+    return target
 
 
 class EndpointError(Exception):
@@ -63,12 +86,18 @@ class ModelManager:
         front: frontend.FrontEnd,
         max_models: int,
         load_timeout: float = 900.0,
+        restart: Optional[Callable[[], None]] = None,
     ):
         self.s3, self.bucket, self.prefix = s3, bucket, prefix.strip("/")
         self.root, self.front, self.max_models, self.load_timeout = root, front, max_models, load_timeout
+        self.restart = restart  # starts a new tritonserver when the old one died
         self.models: Dict[str, Model] = {}
         self.lru: OrderedDict[str, Model] = OrderedDict()  # loaded models, least recently used first
+        self.loading = 0  # loads under way: each holds a slot, so loaded + loading <= max_models
+        self.peak = 0  # the most models loaded or loading at once (the limit holds: tests read it)
         self.lock = threading.Lock()
+        self.restart_lock = threading.Lock()
+        self.restarts = 0
 
     def loaded(self) -> list:
         with self.lock:
@@ -76,17 +105,22 @@ class ModelManager:
 
     def invoke(self, target: str, body: bytes, content_type: str) -> Tuple[bytes, str, Dict[str, float]]:
         timings: Dict[str, float] = {}
-        model = self._ensure_loaded(target, timings)
-        start = time.monotonic()
-        try:
-            status, data, headers = self.front.invoke(model.name, target, body, content_type)
-        except TimeoutError:
-            raise EndpointError.model_error(
-                408,
-                "timed out",
-                f"Your invocation timed out while waiting for a response from container "
-                f"primary ({self.front.timeout:.0f}s)",
-            ) from None
+        for attempt in (1, 2):
+            model = self._ensure_loaded(target, timings)
+            start = time.monotonic()
+            try:
+                status, data, headers = self.front.invoke(model.name, target, body, content_type)
+                break
+            except TimeoutError:
+                raise EndpointError.model_error(
+                    408,
+                    "timed out",
+                    f"Your invocation timed out while waiting for a response from container "
+                    f"primary ({self.front.timeout:.0f}s)",
+                ) from None
+            except OSError as e:  # connection refused or reset: tritonserver is gone
+                if attempt == 2 or not self.recover(e):
+                    raise
         timings["invoke"] = time.monotonic() - start
         if status == 404:  # unloaded between our check and the call (evicted by a concurrent load): once more
             model = self._ensure_loaded(target, timings)
@@ -122,12 +156,47 @@ class ModelManager:
             folder = self.root / model.name
             if not (folder / "model").is_dir():
                 self._fetch(model, folder, timings)
-            self._load(model, folder / "model", timings)
+            self._reserve_slot()
+            try:
+                self._load(model, folder / "model", timings)
+            finally:
+                with self.lock:
+                    self.loading -= 1
             return model
+
+    def _reserve_slot(self) -> None:
+        """Wait until a load fits under the limit, evicting the least recently used models."""
+        while True:
+            with self.lock:
+                if len(self.lru) + self.loading < self.max_models:
+                    self.loading += 1
+                    self.peak = max(self.peak, len(self.lru) + self.loading)
+                    return
+            if not self._evict_one():  # every slot is a load under way: wait for one to finish
+                time.sleep(0.2)
+
+    def recover(self, error: BaseException) -> bool:
+        """After a failed call: if tritonserver died, start a new one (models reload on demand)."""
+        if self.restart is None:
+            return False
+        with self.restart_lock:
+            if self.front.ping():
+                return True  # alive (another request restarted it already)
+            log.error("tritonserver is not answering (%s: %s): restarting it", type(error).__name__, error)
+            with self.lock:
+                for model in self.models.values():
+                    model.loaded = False
+                self.lru.clear()
+            self.restart()
+            self.restarts += 1
+            log.error(
+                "tritonserver restarted (%d so far); models load again on their next request", self.restarts
+            )
+            return True
 
     def _fetch(self, model: Model, folder: Path, timings: Dict[str, float]) -> None:
         key = f"{self.prefix}/{model.target}" if self.prefix else model.target
-        local = folder / model.target
+        local = folder / "model.tar.gz"  # never the target itself: it may hold `/` or `..`
         folder.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         try:
@@ -156,8 +225,12 @@ class ModelManager:
     def _load(self, model: Model, url: Path, timings: Dict[str, float]) -> None:
         start = time.monotonic()
         while True:
-            self._make_room(keep=self.max_models - 1)
-            status, data = self.front.load(model.name, url, model.target, self.load_timeout)
+            try:
+                status, data = self.front.load(model.name, url, model.target, self.load_timeout)
+            except OSError as e:
+                if isinstance(e, TimeoutError) or not self.recover(e):
+                    raise
+                continue
             if status in (200, 409):
                 break
             if status == 507 and self._evict_one():
@@ -172,10 +245,6 @@ class ModelManager:
         with self.lock:
             self.lru[model.target] = model
 
-    def _make_room(self, keep: int) -> None:
-        while len(self.lru) > max(keep, 0) and self._evict_one():
-            pass
-
     def _evict_one(self) -> bool:
         with self.lock:
             if not self.lru:
@@ -184,7 +253,10 @@ class ModelManager:
         start = time.monotonic()
         with victim.lock:  # requests for it wait, then load it again
             victim.loaded = False
-            status = self.front.unload(victim.name, victim.target)
+            try:
+                status = self.front.unload(victim.name, victim.target)
+            except OSError as e:  # a dead server has unloaded everything already
+                status = f"failed ({type(e).__name__})"
         # The extracted model stays on disk, as SageMaker keeps it: a reload skips download and extraction.
         log.info(
             "evicted %s (least recently used): DELETE %s in %.1fs", target, status, time.monotonic() - start
@@ -237,7 +309,18 @@ class Handler(BaseHTTPRequestHandler):
             self._error(EndpointError(404, "UnknownOperationException", f"no route for GET {self.path}"))
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_REQUEST_BYTES:  # refused unread, as SageMaker does; the connection cannot be reused
+            self.close_connection = True
+            return self._error(
+                EndpointError(
+                    413,
+                    "ValidationError",
+                    f"Request body of {length} bytes exceeds SageMaker's limit of {MAX_REQUEST_BYTES} bytes "
+                    "(6 MB); send smaller images",
+                )
+            )
+        body = self.rfile.read(length)
         parts = self.path.split("/")
         if len(parts) != 4 or parts[1] != "endpoints" or parts[3] != "invocations":
             return self._error(
@@ -248,12 +331,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if name != self.server.endpoint_name:
                 raise EndpointError(400, "ValidationError", f"Endpoint {name} of account local not found.")
-            if not target:
-                raise EndpointError(
-                    400,
-                    "ValidationError",
-                    "TargetModel is required for a multi-model endpoint (X-Amzn-SageMaker-Target-Model)",
-                )
+            check_target(target)
             content_type = self.headers.get("Content-Type", "application/json")
             data, out_type, timings = self.server.manager.invoke(target, body, content_type)
         except EndpointError as e:

@@ -27,7 +27,7 @@ class LocalEndpoint:
     ):
         self.root = root
         self.triton_port = free_port()
-        self.triton = frontend.server(root / "empty-repository", self.triton_port, root / "tritonserver.log")
+        self.triton = self._server()
         manager = endpoint.ModelManager(
             s3_client(s3_endpoint_url),
             bucket,
@@ -35,9 +35,23 @@ class LocalEndpoint:
             root / "models",
             frontend.FrontEnd(self.triton_port),
             max_models,
+            restart=self.restart_triton,
         )
         self.http = endpoint.EndpointServer(("127.0.0.1", port), manager, endpoint_name)
         self.manager = manager
+
+    def _server(self):
+        return frontend.server(
+            self.root / "empty-repository", self.triton_port, self.root / "tritonserver.log"
+        )
+
+    def restart_triton(self) -> None:
+        """A new tritonserver on the same port, after the old one died (its log says why)."""
+        code = self.triton.process.poll() if self.triton.process else None
+        log.error("tritonserver exited with %s; starting a new one (log: %s)", code, self.triton.log_file)
+        self.triton.stop()
+        self.triton = self._server()
+        self.triton.start()
 
     @property
     def url(self) -> str:
