@@ -5,6 +5,8 @@
 2. Batching: N requests one after another, then all at once; wall times, their ratio and Triton's
    execute() counts (its statistics show the concurrent ones shared calls).
 3. Transport: bytes on the wire for one upscaler result as JSON (base64) and as binary tensors.
+4. Load: mixed requests (all four models, varied arguments) from many concurrent clients; failures
+   (expected: none) and latency percentiles.
 
 Tiny weights on this machine measure the serving path; the GPU's numbers come from `make bench-gpu`.
 """
@@ -12,9 +14,13 @@ Tiny weights on this machine measure the serving path; the GPU's numbers come fr
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
+import random
 import statistics
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,6 +131,72 @@ def transport(server: TritonServer, side: int) -> list:
     ]
 
 
+def mixed_request(i: int, rng: random.Random) -> tuple:
+    """One of the four models with varied arguments (cheap enough for a CPU run)."""
+    model = ("sd_base", "sd_depth", "sd_inpaint", "sd_upscale")[i % 4]
+    gen_args = {
+        "num_inference_steps": rng.randint(2, 3),  # img2img runs steps x strength (0.8): at least one
+        "seed": i,
+        "num_images_per_prompt": rng.choice([1, 1, 2]),
+        "scheduler": rng.choice(["default", "ddim", "euler", "euler_a", "dpm++", "unipc"]),
+        "output_format": rng.choice(["jpeg", "png", "webp"]),
+    }
+    if model == "sd_base":
+        gen_args.update(height=rng.choice([64, 72]), width=rng.choice([64, 72]))
+    side = rng.choice([16, 32] if model == "sd_upscale" else [32, 48])
+    rgb = np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    images = {}
+    if model != "sd_base":
+        images["image"] = Image.fromarray(rgb)
+    if model == "sd_inpaint":
+        images["mask_image"] = Image.fromarray(rgb[..., 0] > 127)
+    return model, request_body(f"a lighthouse, variation {i}", "blurry", images, gen_args), gen_args
+
+
+def mixed(server: TritonServer, count: int = 200, clients: int = 16) -> dict:
+    """`count` mixed requests from `clients` concurrent clients; every answer checked."""
+    rng = random.Random(0)
+    calls = [mixed_request(i, rng) for i in range(count)]
+
+    def call(item):
+        model, body, gen_args = item
+        start = time.perf_counter()
+        try:
+            answer = json.loads(post(server.url, model, json.dumps(body).encode()))
+            data = answer["outputs"][0]["data"]
+            assert len(data) == gen_args["num_images_per_prompt"], f"{len(data)} images"
+            for item in data:
+                Image.open(io.BytesIO(base64.b64decode(item))).load()
+            return time.perf_counter() - start, None
+        except urllib.error.HTTPError as e:
+            return time.perf_counter() - start, f"{model}: HTTP {e.code}: {e.read()[:300]!r}"
+        except Exception as e:
+            return time.perf_counter() - start, f"{model}: {type(e).__name__}: {e}"
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(call, calls))
+    latencies = sorted(seconds for seconds, _ in results)
+    failures = [error for _, error in results if error]
+    return {
+        "ok": count - len(failures),
+        "failures": failures,
+        "p50": latencies[len(latencies) // 2],
+        "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_report(server: TritonServer, count: int, clients: int) -> list:
+    result = mixed(server, count, clients)
+    failed, seconds = len(result["failures"]), result["seconds"]
+    return [
+        f"Mixed load, {count} requests (all four models, varied arguments), {clients} concurrent clients:",
+        f"  {result['ok']} answered with valid images, {failed} failed, in {seconds:.1f}s",
+        f"  latency p50 {result['p50']:.2f}s, p99 {result['p99']:.2f}s",
+    ] + [f"  failure: {f}" for f in result["failures"][:5]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,12 +209,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--upscale-side", type=int, default=256)
+    parser.add_argument("--mixed-requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
     repository = args.model_repository.resolve()
     with TritonServer(repository) as server:
         report = overhead(server, repository, args.overhead_steps, args.overhead_size, args.repeats)
         report += batching_gain(server, args.requests, args.steps, args.size)
         report += transport(server, args.upscale_side)
+        report += load_report(server, args.mixed_requests, args.clients)
     print("\n".join(report))
 
 

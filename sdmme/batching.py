@@ -12,7 +12,7 @@ import secrets
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,11 @@ class Job:
     args: Dict[str, Any]  # complete and validated gen_args, sizes resolved
     seeds: List[int]  # one per image
     warnings: List[str] = field(default_factory=list)  # told to the caller (output `warnings`) and logged
+    deadline: float = math.inf  # time.monotonic() by which the caller stops waiting
+    cancelled: Callable[[], bool] = lambda: False  # the caller gave up (asked only before responding)
+
+    def gone(self) -> bool:
+        return time.monotonic() > self.deadline or self.cancelled()
 
     def group_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call."""
@@ -147,20 +152,50 @@ def plan(jobs: List[Job], max_images: int = MAX_IMAGES_PER_CALL) -> List[List[Jo
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
-def execute(
-    runner, jobs: List[Job], label: str = ""
-) -> Iterator[Tuple[List[Job], Union[List[List[Any]], Exception]]]:
-    """Run every group; yields (group, images per job) or (group, the exception that failed it alone).
+class Interrupted(Exception):
+    """Raised between denoising steps when a call's `should_stop` says so."""
 
-    A group that runs out of memory is split in halves, which are retried, before anyone fails: only a
-    request that does not fit on its own gets the out-of-memory error. Memory is freed after a failure.
+
+class Gone(Exception):
+    """The callers of these requests gave up (cancelled, or past their deadline): no work is done for them."""
+
+
+class TooLate(Exception):
+    """These requests could not start in time to finish within their deadline."""
+
+
+def execute(
+    runner, jobs: List[Job], label: str = "", cost=None
+) -> Iterator[Tuple[List[Job], Union[List[List[Any]], Exception]]]:
+    """Run every group; yields (group, images per job) or (group, the exception that failed it alone),
+    each group as soon as it is done.
+
+    Requests whose callers are gone are dropped before their group runs, and a call stops between
+    denoising steps once every request in it is gone. With `cost` (sdmme.budget.CostModel: the seconds a
+    group takes, followed on every call), a group that cannot finish by its requests' deadline is
+    answered at once instead of run. A group that runs
+    out of memory is split in halves, which are retried, before anyone fails: only a request that does
+    not fit on its own gets the out-of-memory error. Memory is freed after a failure.
     """
     pending = plan(jobs)
     while pending:
         group = pending.pop(0)
+        gone = [job for job in group if job.gone()]
+        if gone:
+            yield gone, Gone("the caller gave up before the request started")
+            group = [job for job in group if job not in gone]
+            if not group:
+                continue
         start = time.monotonic()
+        if cost is not None and start + cost.seconds(group) > min(job.deadline for job in group):
+            yield group, TooLate(f"the server is busy: it could not start this request in time ({label})")
+            continue
         try:
-            results = run(runner, group)
+            results = run(runner, group, should_stop=_all_gone(group))
+        except Interrupted:
+            log.info("%s: stopped a call of %d request(s): every caller gave up", label, len(group))
+            yield group, Gone("the caller gave up; the call was stopped")
+            continue
         except Exception as e:  # one failed group must not fail the others
             runner.free_memory()
             if runner.is_out_of_memory(e) and len(group) > 1:
@@ -171,14 +206,21 @@ def execute(
             log.error("%s: batch of %d request(s) failed:\n%s", label, len(group), traceback.format_exc())
             yield group, e
             continue
+        seconds = time.monotonic() - start
+        if cost is not None:
+            cost.observe(group, seconds)
         log.info(
             "%s: %d request(s), %d image(s) in one call, %.2fs",
             label,
             len(group),
             sum(len(j.seeds) for j in group),
-            time.monotonic() - start,
+            seconds,
         )
         yield group, results
+
+
+def _all_gone(group: List[Job]) -> Callable[[], bool]:
+    return lambda: all(job.gone() for job in group)
 
 
 def warmup_job(spec: ModelSpec) -> Job:
@@ -197,8 +239,11 @@ def warmup_job(spec: ModelSpec) -> Job:
     return Job(0, "", "", inputs, args, [0])
 
 
-def run(runner, group: List[Job]) -> List[List[Any]]:
-    """One pipeline call for the group; returns each job's images in order."""
+def run(runner, group: List[Job], should_stop: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
+    """One pipeline call for the group; returns each job's images in order.
+
+    `should_stop` is asked between denoising steps; when it says so the call raises Interrupted.
+    """
     expand = [(job, seed) for job in group for seed in job.seeds]
     outputs = runner(
         group[0].args,
@@ -206,6 +251,7 @@ def run(runner, group: List[Job]) -> List[List[Any]]:
         negative_prompts=[job.negative_prompt for job, _ in expand],
         seeds=[seed for _, seed in expand],
         images={name: [job.images[name] for job, _ in expand] for name in group[0].images},
+        should_stop=should_stop,
     )
     per_job, start = [], 0
     for job in group:

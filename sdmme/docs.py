@@ -61,7 +61,9 @@ def settings_table() -> str:
         "|---|---|---|---|---|",
     ]
     for field in dataclasses.fields(pipelines.Settings):
-        values = pipelines.CHOICES.get(field.name, ("true", "false"))
+        values = pipelines.CHOICES.get(
+            field.name, ("seconds",) if field.type in (float, "float") else ("true", "false")
+        )
         gpu, cpu = getattr(pipelines.GPU_DEFAULTS, field.name), getattr(pipelines.CPU_DEFAULTS, field.name)
         lines.append(
             f"| `{field.name}` | {', '.join(values)} | {show(gpu)} | {show(cpu)} | {field.metadata['help']} |"

@@ -13,12 +13,13 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import diffusers
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from sdmme.batching import Interrupted
 from sdmme.spec import ModelSpec
 
 log = logging.getLogger("sdmme")
@@ -53,7 +54,8 @@ def _setting(default, help: str):
 
 @dataclass(frozen=True)
 class Settings:
-    """How a pipeline is set up for speed; config.pbtxt `parameters` of the same names override them.
+    """How a pipeline is set up for speed, and the time a request may take; config.pbtxt `parameters` of
+    the same names override them.
 
     The GPU defaults are meant to be the fastest settings that cost no cold-start time and change no
     output beyond rounding, as measured by `make bench-gpu` (docs/benchmarks.md). Until it has run on a
@@ -70,6 +72,11 @@ class Settings:
     vae_slicing: bool = _setting(True, "Decode a batch one image at a time, so large batches fit in memory.")
     vae_tiling: bool = _setting(
         False, "Decode in overlapping tiles, so large outputs (upscaler) fit in memory."
+    )
+    time_budget_s: float = _setting(
+        30.0,
+        "Refuse up front a request whose time, measured at load, exceeds this; with the queue's 30 s, "
+        "SageMaker's 60 s. 0: no limit.",
     )
 
     @classmethod
@@ -88,6 +95,13 @@ class Settings:
                 if text.lower() not in ("true", "false"):
                     raise ValueError(f"config.pbtxt parameter {key} must be true or false, got {text!r}")
                 values[key] = text.lower() == "true"
+            elif fields[key].type in (float, "float"):
+                try:
+                    values[key] = float(text)
+                except ValueError:
+                    raise ValueError(f"config.pbtxt parameter {key} must be a number, got {text!r}") from None
+                if not values[key] >= 0:
+                    raise ValueError(f"config.pbtxt parameter {key} must be 0 or more, got {text!r}")
             elif text not in CHOICES[key]:  # every other setting is a choice
                 raise ValueError(
                     f"config.pbtxt parameter {key}={text!r} is not one of {', '.join(CHOICES[key])}"
@@ -108,8 +122,9 @@ class Settings:
 
 
 GPU_DEFAULTS = Settings()
-# On CPU: full precision, and none of the layout tricks, which are tuned for GPU kernels.
-CPU_DEFAULTS = Settings(vae_slicing=False)
+# On CPU: full precision, none of the layout tricks (tuned for GPU kernels), and no time budget (a CPU
+# serves tests and development, not SageMaker's 60 s; a model's config.pbtxt can set one).
+CPU_DEFAULTS = Settings(vae_slicing=False, time_budget_s=0.0)
 
 
 def device_for(instance_kind: str, device_id: str) -> Tuple[torch.device, Settings]:
@@ -245,9 +260,13 @@ class Runner:
         negative_prompts: List[str],
         seeds: List[int],
         images: Dict[str, List[Any]],
+        should_stop: Optional[Callable[[], bool]] = None,
     ) -> list:
+        """Images for the prompts; raises Interrupted between steps once `should_stop()` says so."""
         self.pipeline.scheduler = self.scheduler(args["scheduler"])
         kwargs = {k: args[k] for k in PIPELINE_ARGS if k in args}
+        if should_stop is not None:
+            kwargs.update(self._stop_callback(should_stop))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         result = self.pipeline(
             prompt=prompts,
@@ -259,3 +278,13 @@ class Runner:
             **kwargs,
         )
         return result.images
+
+    def _stop_callback(self, should_stop: Callable[[], bool]) -> Dict[str, Any]:
+        def check(*args):
+            if should_stop():
+                raise Interrupted
+            return args[-1] if len(args) == 4 else None  # callback_on_step_end returns its tensors
+
+        if isinstance(self.pipeline, diffusers.StableDiffusionUpscalePipeline):  # the older callback API
+            return {"callback": check, "callback_steps": 1}
+        return {"callback_on_step_end": check}

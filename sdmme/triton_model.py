@@ -5,15 +5,21 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# Each model is a process of its own with torch's OpenMP threads; where several share the CPU cores, a
+# spinning thread starves the others' (measured: tiny calls of 0.05 s took 10 s with four models busy).
+# Set before torch is imported; a value set by the operator wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sdmme import batching, images, pipelines
-from sdmme.spec import MODELS, InvalidInput, ModelSpec, caller_safe
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from sdmme import batching, budget, images, pipelines  # noqa: E402
+from sdmme.spec import MODELS, InvalidInput, ModelSpec, caller_safe  # noqa: E402
 
 log = logging.getLogger("sdmme")
 BASE64, FILES = "generated_image", "generated_image_bytes"  # the image files as base64, or as they are
@@ -78,12 +84,14 @@ class DiffusionModel:
         # args["model_repository"] is the model's own folder, also under SageMaker where the name differs.
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
         start = time.monotonic()
+        self.budget = settings.time_budget_s
         try:
             self.runner = pipelines.Runner(pipelines.load(self.spec, weights, device, settings))
             if settings.compile != "none":
                 warm = time.monotonic()
                 batching.run(self.runner, [batching.warmup_job(self.spec)])
                 log.info("%s: compiled and warmed up in %.1fs", self.spec.name, time.monotonic() - warm)
+            self.cost = budget.calibrate(self.runner, self.spec) if self.budget else None
         except Exception as e:
             if pipelines.is_out_of_memory(e):
                 # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
@@ -108,6 +116,13 @@ class DiffusionModel:
                     f"{name} has {tokens} tokens; the text encoder reads the first {window} "
                     "(start and end markers included) and ignores the rest"
                 )
+        if self.cost is not None:
+            try:
+                budget.check(self.cost, self.budget, job)
+            except InvalidInput as e:
+                return None, caller_error(str(e))
+            job.deadline = self.started + self.budget
+        job.cancelled = request.is_cancelled
         for warning in job.warnings:
             log.info("%s: request %d: %s", self.spec.name, index, warning)
         return job, None
@@ -143,25 +158,46 @@ class DiffusionModel:
         return names if names & {BASE64, FILES} else names | {BASE64}
 
     def execute(self, requests):
-        responses = [None] * len(requests)
-        requested = [self._requested(r) for r in requests]
-        jobs = []
-        for i, request in enumerate(requests):
-            job, responses[i] = self._parse(i, request)
-            if job is not None:
-                jobs.append(job)
-        for group, outcome in batching.execute(self.runner, jobs, self.spec.name):
-            if isinstance(outcome, Exception):
-                if pipelines.is_out_of_memory(outcome):
-                    message = "out of memory; retry with fewer images or a smaller size"
+        """Each request is answered through its own response sender as soon as its group is done."""
+        self.started = time.monotonic()  # requests may have queued before: Triton's queue policy bounds it
+        senders = [request.get_response_sender() for request in requests]
+        answered = [False] * len(requests)
+
+        def answer(index: int, response) -> None:
+            senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            answered[index] = True
+
+        try:
+            requested = [self._requested(r) for r in requests]
+            jobs = []
+            for i, request in enumerate(requests):
+                job, error = self._parse(i, request)
+                if error is not None:
+                    answer(i, error)
                 else:
-                    message = f"generation failed: {type(outcome).__name__}: {outcome}"
+                    jobs.append(job)
+            for group, outcome in batching.execute(self.runner, jobs, self.spec.name, self.cost):
                 for job in group:
-                    responses[job.index] = _error(message)
-                continue
-            for job, generated in zip(group, outcome):
-                responses[job.index] = self._respond(job, generated, requested[job.index])
-        return responses
+                    if isinstance(outcome, Exception):
+                        answer(job.index, self._failure(outcome))
+                    else:
+                        answer(job.index, self._respond(job, outcome[group.index(job)], requested[job.index]))
+        except Exception as e:  # a fault of ours: every request still gets its answer
+            log.exception("%s: execute failed", self.spec.name)
+            for i, done in enumerate(answered):
+                if not done:
+                    answer(i, _error(f"internal error: {type(e).__name__}: {e}"))
+        return None
+
+    @staticmethod
+    def _failure(outcome: Exception):
+        if isinstance(outcome, batching.Gone):
+            return _error(str(outcome), getattr(pb_utils.TritonError, "CANCELLED", None))
+        if isinstance(outcome, batching.TooLate):
+            return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE)
+        if pipelines.is_out_of_memory(outcome):
+            return _error("out of memory; retry with fewer images or a smaller size")
+        return _error(f"generation failed: {type(outcome).__name__}: {outcome}")
 
     def finalize(self):
         del self.runner

@@ -1,6 +1,7 @@
 """Request parsing and grouping, without a server (the server tests cover the same through Triton)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from conftest import b64, picture
 from PIL import Image
 
-from sdmme import batching, pipelines
+from sdmme import batching, budget, pipelines
 from sdmme.spec import MODELS, InvalidInput
 
 
@@ -65,8 +66,11 @@ class FakeRunner:
     def __init__(self, fits: int = 99):
         self.calls, self.fits, self.freed = [], fits, 0
 
-    def __call__(self, args, prompts, negative_prompts, seeds, images):
+    def __call__(self, args, prompts, negative_prompts, seeds, images, should_stop=None):
         self.calls.append(prompts)
+        for _ in range(args["num_inference_steps"]):  # the denoising steps
+            if should_stop is not None and should_stop():
+                raise batching.Interrupted
         if "boom" in prompts:
             raise RuntimeError("exploded")
         if len(seeds) > self.fits:
@@ -112,3 +116,43 @@ def test_out_of_memory_is_told_apart_from_other_errors():
     assert pipelines.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
     assert not pipelines.is_out_of_memory(ValueError("out of memory"))  # a caller's text is not an OOM
     assert not pipelines.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_callers_who_are_gone_cost_nothing():
+    runner = FakeRunner()
+    gone, waiting = job(0, "a", seed=1), job(1, "b", seed=2)
+    gone.cancelled = lambda: True
+    outcomes = list(batching.execute(runner, [gone, waiting]))
+    assert isinstance(outcomes[0][1], batching.Gone) and [j.index for j in outcomes[0][0]] == [0]
+    assert [j.index for j in outcomes[1][0]] == [1] and runner.calls == [["b"]]
+
+
+def test_a_call_stops_between_steps_once_every_caller_is_gone():
+    runner = FakeRunner()
+    first, second = job(0, "a", num_inference_steps=20), job(1, "b", num_inference_steps=20)
+    asked = []
+    first.cancelled = second.cancelled = lambda: len(asked.append(1) or asked) > 6
+    [(group, outcome)] = list(batching.execute(runner, [first, second]))
+    assert isinstance(outcome, batching.Gone) and len(group) == 2 and len(asked) < 20
+
+
+def test_a_group_that_cannot_finish_by_its_deadline_is_answered_at_once():
+    runner = FakeRunner()
+    late = job(0, "a", num_inference_steps=9, height=512, width=512)  # 2.6 megapixel-steps
+    late.deadline = time.monotonic() + 5
+    cost = budget.CostModel(MODELS["sd_base"], rate=4.0)  # about 10 s
+    [(group, outcome)] = list(batching.execute(runner, [late], cost=cost))
+    assert isinstance(outcome, batching.TooLate) and runner.calls == []
+    cost.rate = 0.4  # about 1 s
+    [(group, outcome)] = list(batching.execute(runner, [late], cost=cost))
+    assert not isinstance(outcome, Exception)
+    assert cost.rate < 0.4  # the best seen: the fake runner took far less
+
+
+def test_a_request_over_its_budget_is_refused_saying_what_to_lower():
+    cost = budget.CostModel(MODELS["sd_base"], rate=1.0)
+    budget.check(cost, 45, job(0, num_inference_steps=50, height=512, width=512))  # about 13 s
+    with pytest.raises(
+        InvalidInput, match=r"would take about 53s on this instance \(4 image\(s\), 50 steps, 512x512\)"
+    ):
+        budget.check(cost, 45, job(0, num_inference_steps=50, height=512, width=512, num_images_per_prompt=4))
