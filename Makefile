@@ -74,7 +74,7 @@ package: weights env
 
 upload: venv
 	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
-	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)"
+	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(if $(VERSION),--version "$(VERSION)") $(if $(REPLACE),--replace)
 
 # Local SageMaker MME on MME_PORT, models from s3://BUCKET/PREFIX/ (S3 via AWS_ENDPOINT_URL when set).
 MME_PORT ?= 8080

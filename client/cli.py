@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transport.add_argument("--region", help="AWS region of the endpoint (default: the AWS configuration's)")
     transport.add_argument(
+        "--model-version",
+        help="with --endpoint-name: TargetModel <model>-VERSION.tar.gz (make upload VERSION=)",
+    )
+    transport.add_argument(
         "--binary",
         action="store_true",
         help="Triton's binary tensor extension (images as files, not base64 in JSON); default: JSON",
@@ -86,7 +90,11 @@ def make_client(args: argparse.Namespace) -> Client:
         from client.endpoint import EndpointClient
 
         return EndpointClient(
-            args.endpoint_name, endpoint_url=args.endpoint_url, region=args.region, binary=args.binary
+            args.endpoint_name,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            binary=args.binary,
+            model_version=args.model_version,
         )
     from client.triton import TritonClient
 

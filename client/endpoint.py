@@ -36,6 +36,7 @@ class EndpointClient(Client):
         retries: int = 5,
         read_timeout: float = 900.0,
         binary: bool = False,
+        model_version: Optional[str] = None,
     ):
         config = Config(read_timeout=read_timeout, retries={"max_attempts": 3, "mode": "adaptive"})
         session = boto3.Session(region_name=region)
@@ -48,6 +49,7 @@ class EndpointClient(Client):
             "sagemaker-runtime", endpoint_url=endpoint_url, region_name=region, config=config
         )
         self.endpoint_name, self.retries, self.binary = endpoint_name, retries, binary
+        self.suffix = f"-{model_version}.tar.gz" if model_version else ".tar.gz"  # as `make upload VERSION=`
 
     def infer(self, model: str, body: Dict[str, Any]) -> Dict[str, Any]:
         response = self._invoke(model, json.dumps(body).encode(), "application/json")
@@ -66,7 +68,7 @@ class EndpointClient(Client):
             try:
                 return self.runtime.invoke_endpoint(
                     EndpointName=self.endpoint_name,
-                    TargetModel=f"{model}.tar.gz",
+                    TargetModel=f"{model}{self.suffix}",
                     ContentType=content_type,
                     Accept=content_type.split(";")[0],
                     Body=data,

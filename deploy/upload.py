@@ -1,7 +1,10 @@
 """`make upload BUCKET=... PREFIX=...`: the model archives to s3://BUCKET/PREFIX/ (the MME ModelDataUrl).
 
-An object whose stored sha256 equals the local archive's is skipped. Multipart uploads are managed by
-boto3 and aborted on failure, so a failed upload leaves no object behind and can simply be re-run.
+An object whose stored sha256 equals the local archive's is skipped. An object that differs is never
+replaced silently: an MME instance that has a model cached keeps serving it after its S3 object
+changes, so the upload stops before sending anything and says to upload under a new name (`--version`)
+or to pass `--replace`. Multipart uploads are managed by boto3 and aborted on failure, so a failed
+upload leaves no object behind and can simply be re-run.
 """
 
 from __future__ import annotations
@@ -38,28 +41,59 @@ def archive_manifest(path: Path) -> Dict:
     raise ValueError(f"{path} has no {MANIFEST}: build it with `make package`")
 
 
-def key_for(prefix: str, path: Path) -> str:
-    return f"{prefix.strip('/')}/{path.name}" if prefix.strip("/") else path.name
+def key_for(prefix: str, path: Path, version: Optional[str] = None) -> str:
+    """`<prefix>/<model>.tar.gz`, or `<prefix>/<model>-<version>.tar.gz`: the TargetModel callers name."""
+    name = path.name if not version else path.name.replace(".tar.gz", f"-{version}.tar.gz")
+    return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
+
+
+MISSING = ""  # remote_sha of a key with no object
 
 
 def remote_sha(s3, bucket: str, key: str) -> Optional[str]:
+    """The stored sha256; None for an object without one; MISSING when there is no object."""
     try:
         return s3.head_object(Bucket=bucket, Key=key)["Metadata"].get(SHA_KEY)
     except ClientError as e:
         if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-            return None
+            return MISSING
         raise
 
 
+class Refused(Exception):
+    """Uploading would replace objects that differ; nothing was sent."""
+
+
 def upload(
-    s3, archives: List[Path], bucket: str, prefix: str, config: Optional[TransferConfig] = None, callback=None
+    s3,
+    archives: List[Path],
+    bucket: str,
+    prefix: str,
+    config: Optional[TransferConfig] = None,
+    callback=None,
+    version: Optional[str] = None,
+    replace: bool = False,
 ) -> Dict[str, str]:
-    """Returns {key: "uploaded" | "unchanged"}."""
-    outcome = {}
+    """Returns {key: "uploaded" | "replaced" | "unchanged"}; raises Refused before sending anything when
+    an object differs and `replace` is not given."""
+    plan = []
     for path in archives:
-        key = key_for(prefix, path)
+        key = key_for(prefix, path, version)
         digest = tarball.sha256(path)
-        if remote_sha(s3, bucket, key) == digest:
+        plan.append((path, key, digest, remote_sha(s3, bucket, key)))
+    differing = [key for _, key, digest, remote in plan if remote not in (MISSING, digest)]
+    if differing and not replace:
+        raise Refused(
+            "these objects exist and differ from the local archives: "
+            + ", ".join(f"s3://{bucket}/{k}" for k in differing)
+            + ". An MME instance that has one loaded keeps serving the old model until it unloads it, so "
+            "replacing it changes what callers get at an unknown time. Upload under a new name instead "
+            "(make upload VERSION=2 gives <model>-2.tar.gz; callers switch TargetModel), or pass --replace "
+            "(make upload REPLACE=1) if you accept that."
+        )
+    outcome = {}
+    for path, key, digest, remote in plan:
+        if remote == digest:
             print(f"s3://{bucket}/{key}: unchanged (sha256 {digest[:16]}), skipped", file=sys.stderr)
             outcome[key] = "unchanged"
             continue
@@ -81,7 +115,7 @@ def upload(
                 Callback=progress,
             )
         print(f"s3://{bucket}/{key}: uploaded {size / 1e6:,.1f} MB", file=sys.stderr)
-        outcome[key] = "uploaded"
+        outcome[key] = "uploaded" if remote == MISSING else "replaced"
     return outcome
 
 
@@ -94,11 +128,17 @@ def main() -> None:
     parser.add_argument("--dist", type=Path, default=Path("dist"))
     parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--region")
+    parser.add_argument("--version", help="upload as <model>-VERSION.tar.gz (a new TargetModel)")
+    parser.add_argument("--replace", action="store_true", help="replace objects that differ (see above)")
     args = parser.parse_args()
     archives = sorted(args.dist.glob("*.tar.gz"))
     if not archives:
         raise SystemExit(f"make upload: no archives in {args.dist}: run `make package` first")
-    upload(s3_client(args.endpoint_url, args.region), archives, args.bucket, args.prefix)
+    s3 = s3_client(args.endpoint_url, args.region)
+    try:
+        upload(s3, archives, args.bucket, args.prefix, version=args.version, replace=args.replace)
+    except Refused as e:
+        raise SystemExit(f"make upload: refused: {e}") from None
     print(f"ModelDataUrl: s3://{args.bucket}/{args.prefix.strip('/')}/")
 
 

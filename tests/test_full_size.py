@@ -44,8 +44,10 @@ def test_full_size_model_runs_through_the_runtime(model, tmp_path):
         assert pipeline.depth_estimator.config.is_hybrid
     if model == "sd_upscale":
         assert len(pipeline.unet.down_blocks) == 4 and pipeline.vae.config.scaling_factor == 0.08333
-    [[image]] = batching.run(pipelines.Runner(pipeline), [small_job(model, steps=2)])
+    runner = pipelines.Runner(pipeline)
+    assert runner.min_image_side == (8 if model == "sd_upscale" else 64)  # one latent cell, deepest level
+    [[image]] = batching.run(runner, [small_job(model, steps=2)])
     assert image.size == ((128, 128) if model == "sd_upscale" else (64, 64))
-    del pipeline
+    del pipeline, runner
     gc.collect()
     shutil.rmtree(folder)  # 2.6 GB each; pytest keeps its temporary folders

@@ -40,7 +40,7 @@ def archive(path, model, payload: bytes):
     return path
 
 
-def test_upload_skip_and_replace(s3, tmp_path):
+def test_upload_skips_the_same_and_never_silently_replaces(s3, tmp_path):
     files = [archive(tmp_path / f"{m}.tar.gz", m, m.encode() * 1000) for m in ("sd_base", "sd_depth")]
     assert upload.upload(s3, files, BUCKET, PREFIX) == {
         f"{PREFIX}/sd_base.tar.gz": "uploaded",
@@ -50,8 +50,16 @@ def test_upload_skip_and_replace(s3, tmp_path):
     assert head["Metadata"] == {"sha256": tarball.sha256(files[0]), "python": "3.11"}
     assert set(upload.upload(s3, files, BUCKET, PREFIX).values()) == {"unchanged"}
 
+    original = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_depth.tar.gz")["Body"].read()
     archive(files[1], "sd_depth", b"changed" * 1000)
-    assert upload.upload(s3, files, BUCKET, PREFIX)[f"{PREFIX}/sd_depth.tar.gz"] == "uploaded"
+    with pytest.raises(upload.Refused, match=f"s3://{BUCKET}/{PREFIX}/sd_depth.tar.gz.*new name"):
+        upload.upload(s3, files, BUCKET, PREFIX)
+    assert s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_depth.tar.gz")["Body"].read() == original
+    assert upload.upload(s3, files, BUCKET, PREFIX, version="2") == {
+        f"{PREFIX}/sd_base-2.tar.gz": "uploaded",
+        f"{PREFIX}/sd_depth-2.tar.gz": "uploaded",
+    }
+    assert upload.upload(s3, files, BUCKET, PREFIX, replace=True)[f"{PREFIX}/sd_depth.tar.gz"] == "replaced"
     body = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_depth.tar.gz")["Body"].read()
     assert body == files[1].read_bytes()
 
@@ -95,3 +103,8 @@ def test_make_upload_command_line(s3, tmp_path):
     assert "uploaded" in first.stderr and "unchanged" in second.stderr
     assert f"ModelDataUrl: s3://{BUCKET}/{PREFIX}/" in second.stdout
     assert boto3.client("s3").head_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_base.tar.gz")
+    archive(tmp_path / "sd_base.tar.gz", "sd_base", b"y")
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert (
+        refused.returncode != 0 and "make upload: refused" in refused.stderr and "--replace" in refused.stderr
+    )
