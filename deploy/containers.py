@@ -5,13 +5,17 @@ The Python of a packed environment must equal the Python of the image's backend 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 DEFAULT_TAG = "24.09"
 
 # First release of each Python in NGC / SageMaker Triton images (Ubuntu 20.04, 22.04, 24.04).
 _PYTHON_FROM = (("24.11", "3.12"), ("23.05", "3.10"), ("00.00", "3.8"))
 
-# Tags from 23.12 on are in the deep-learning-containers account; older ones in per-region accounts.
-_DLC_ACCOUNT = "763104351884"
+# Tags from 23.12 on: one registry account per region, from a maintained source (the file says which).
+_REGISTRIES = json.loads((Path(__file__).with_name("sagemaker_triton_registries.json")).read_text())
+# Older tags lived in per-region accounts; only this one is known here.
 _LEGACY_ACCOUNTS = {"us-east-1": "785573368785"}
 
 
@@ -28,10 +32,11 @@ def python_for(tag: str) -> str:
 
 
 def image_uri(region: str, tag: str = DEFAULT_TAG) -> str:
-    if _key(tag) >= _key("23.12"):
-        account = _DLC_ACCOUNT
-    elif region in _LEGACY_ACCOUNTS:
-        account = _LEGACY_ACCOUNTS[region]
-    else:
-        raise ValueError(f"no known account for sagemaker-tritonserver:{tag} in {region}; use 23.12 or later")
-    return f"{account}.dkr.ecr.{region}.amazonaws.com/sagemaker-tritonserver:{tag}-py3"
+    accounts = _REGISTRIES["registries"] if _key(tag) >= _key("23.12") else _LEGACY_ACCOUNTS
+    if region not in accounts:
+        raise ValueError(
+            f"sagemaker-tritonserver:{tag} is not published in {region} as far as this table knows "
+            f"(deploy/sagemaker_triton_registries.json); regions: {', '.join(sorted(accounts))}"
+        )
+    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"{accounts[region]}.dkr.ecr.{region}.{domain}/{_REGISTRIES['repository']}:{tag}-py3"

@@ -53,6 +53,15 @@ def test_image_table():
     assert containers.image_uri("eu-west-1") == (
         "763104351884.dkr.ecr.eu-west-1.amazonaws.com/sagemaker-tritonserver:24.09-py3"
     )
+    # regions whose registry is not the deep-learning-containers account, and the China partition
+    assert containers.image_uri("af-south-1").startswith("626614931356.dkr.ecr.af-south-1.amazonaws.com/")
+    assert containers.image_uri("ap-east-1").startswith("871362719292.dkr.ecr.ap-east-1.amazonaws.com/")
+    assert containers.image_uri("me-south-1").startswith("217643126080.dkr.ecr.me-south-1.amazonaws.com/")
+    assert containers.image_uri("cn-north-1", "24.05") == (
+        "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/sagemaker-tritonserver:24.05-py3"
+    )
+    with pytest.raises(ValueError, match="not published in xx-east-9 .* regions: af-south-1"):
+        containers.image_uri("xx-east-9")
     assert sagemaker.Settings("n", "b", "p", "r", "us-east-1").instance_type == "ml.g5.xlarge"
 
 
