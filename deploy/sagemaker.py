@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from deploy import containers
 from deploy.upload import PYTHON_KEY
 
 VARIANT = "AllTraffic"
+TAG = "sdmme-endpoint"  # on every model, configuration and endpoint deploy creates: the endpoint name
 # The Python backend's shared memory, as SageMaker's Triton container reads it for every model.
 ENVIRONMENT = {
     "SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE": "16777216",
@@ -121,7 +123,7 @@ def deploy(settings: Settings, session: Optional[boto3.Session] = None, poll: fl
             "ModelDataUrl": settings.model_data_url,
             "Environment": ENVIRONMENT,
         },
-        Tags=[{"Key": "sdmme-endpoint", "Value": settings.name}],
+        Tags=[{"Key": TAG, "Value": settings.name}],
     )
     say(f"model {model_name}: {image}, MultiModel, {settings.model_data_url}")
     sm.create_endpoint_config(
@@ -134,25 +136,61 @@ def deploy(settings: Settings, session: Optional[boto3.Session] = None, poll: fl
                 "InitialInstanceCount": settings.instance_count,
             }
         ],
-        Tags=[{"Key": "sdmme-endpoint", "Value": settings.name}],
+        Tags=[{"Key": TAG, "Value": settings.name}],
     )
     say(f"endpoint configuration {config_name}: {settings.instance_count} x {settings.instance_type}")
     previous = _endpoint(sm, settings.name)
+    aas = session.client("application-autoscaling")
     if previous:
-        sm.update_endpoint(EndpointName=settings.name, EndpointConfigName=config_name)
-        say(f"updating endpoint {settings.name} (was {previous['EndpointConfigName']})")
+        _update(sm, aas, settings, previous, config_name)
     else:
         sm.create_endpoint(
             EndpointName=settings.name,
             EndpointConfigName=config_name,
-            Tags=[{"Key": "sdmme-endpoint", "Value": settings.name}],
+            Tags=[{"Key": TAG, "Value": settings.name}],
         )
         say(f"creating endpoint {settings.name}")
     wait_in_service(sm, settings.name, poll)
     if settings.min_instances is not None and settings.max_instances is not None:
-        autoscale(session.client("application-autoscaling"), settings)
+        autoscale(aas, settings)
+    serving = sm.describe_endpoint(EndpointName=settings.name)["EndpointConfigName"]
+    if serving != config_name:  # never delete what the endpoint may still be using
+        raise DeployError(f"endpoint {settings.name} reports {serving}, not {config_name}; nothing removed")
     _remove_unused(sm, settings.name, keep_config=config_name, keep_model=model_name)
     return {"endpoint": settings.name, "endpoint_config": config_name, "model": model_name}
+
+
+def _update(sm, aas, settings: Settings, previous: dict, config_name: str) -> None:
+    """Update in place, following the real API's rules for autoscaled endpoints: the instance count
+    autoscaling set is kept (RetainAllVariantProperties), and a new instance type needs the variant
+    deregistered as a scalable target first (registered again after, with these or the old bounds)."""
+    name = settings.name
+    old_config = sm.describe_endpoint_config(EndpointConfigName=previous["EndpointConfigName"])
+    old_type = old_config["ProductionVariants"][0].get("InstanceType")
+    target = _scalable_target(aas, name)
+    if target and old_type != settings.instance_type:
+        _deregister(aas, name)
+        say(f"{old_type} -> {settings.instance_type}: autoscaling removed for the update, restored after")
+        if settings.min_instances is None:
+            settings.min_instances, settings.max_instances = target["MinCapacity"], target["MaxCapacity"]
+    retain = bool(target) and old_type == settings.instance_type
+    sm.update_endpoint(EndpointName=name, EndpointConfigName=config_name, RetainAllVariantProperties=retain)
+    kept = "; autoscaled instance count kept" if retain else ""
+    say(f"updating endpoint {name} (was {previous['EndpointConfigName']}){kept}")
+
+
+def _scalable_target(aas, name: str) -> Optional[dict]:
+    resource = f"endpoint/{name}/variant/{VARIANT}"
+    targets = aas.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])
+    return (targets["ScalableTargets"] or [None])[0]
+
+
+def _deregister(aas, name: str) -> None:
+    aas.deregister_scalable_target(
+        ServiceNamespace="sagemaker",
+        ResourceId=f"endpoint/{name}/variant/{VARIANT}",
+        ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+    )
 
 
 def autoscale(aas, settings: Settings) -> None:
@@ -198,18 +236,25 @@ def _endpoint(sm, name: str) -> Optional[dict]:
 
 
 def _owned(sm, name: str) -> Dict[str, List[str]]:
-    """Models and endpoint configurations that deploy created for this endpoint (by name prefix)."""
+    """Models and endpoint configurations deploy created for this endpoint: named `<name>-<stamp>`
+    exactly (not `<name>-staging-<stamp>`, another endpoint's) and tagged with this endpoint's name."""
+    pattern = re.compile(re.escape(name) + r"-\d{8}-\d{6}")
+
+    def ours(arn: str) -> bool:
+        tags = sm.list_tags(ResourceArn=arn).get("Tags", [])
+        return {"Key": TAG, "Value": name} in tags
+
     configs = [
         c["EndpointConfigName"]
         for page in sm.get_paginator("list_endpoint_configs").paginate(NameContains=f"{name}-")
         for c in page["EndpointConfigs"]
-        if c["EndpointConfigName"].startswith(f"{name}-")
+        if pattern.fullmatch(c["EndpointConfigName"]) and ours(c["EndpointConfigArn"])
     ]
     models = [
         m["ModelName"]
         for page in sm.get_paginator("list_models").paginate(NameContains=f"{name}-")
         for m in page["Models"]
-        if m["ModelName"].startswith(f"{name}-")
+        if pattern.fullmatch(m["ModelName"]) and ours(m["ModelArn"])
     ]
     return {"configs": configs, "models": models}
 
@@ -231,17 +276,9 @@ def _remove_unused(
 def teardown(name: str, region: str, session: Optional[boto3.Session] = None) -> None:
     session = session or boto3.Session(region_name=region)
     sm, aas = session.client("sagemaker"), session.client("application-autoscaling")
-    resource = f"endpoint/{name}/variant/{VARIANT}"
-    targets = aas.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])[
-        "ScalableTargets"
-    ]
-    if targets:
-        aas.deregister_scalable_target(
-            ServiceNamespace="sagemaker",
-            ResourceId=resource,
-            ScalableDimension="sagemaker:variant:DesiredInstanceCount",
-        )
-        say(f"removed autoscaling of {resource}")
+    if _scalable_target(aas, name):
+        _deregister(aas, name)
+        say(f"removed autoscaling of endpoint/{name}/variant/{VARIANT}")
     if _endpoint(sm, name):
         sm.delete_endpoint(EndpointName=name)
         say(f"deleted endpoint {name}")

@@ -136,3 +136,62 @@ def test_iam_policy_reads_only_the_prefix():
     assert statements["ReadModelArchives"]["Resource"] == ["arn:aws:s3:::b/p/q/*"]
     assert statements["ReadModelArchives"]["Action"] == ["s3:GetObject"]
     assert not any("s3:PutObject" in s["Action"] for s in statements.values())
+
+
+def test_endpoints_sharing_a_name_prefix_never_touch_each_other(archives):
+    sm = boto3.client("sagemaker")
+    ours = sagemaker.deploy(settings(name="sd-mme"), poll=0)
+    theirs = sagemaker.deploy(settings(name="sd-mme-staging"), poll=0)
+    time.sleep(1.1)
+    again = sagemaker.deploy(settings(name="sd-mme"), poll=0.1)  # removes sd-mme's old model and config only
+    configs = {c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]}
+    assert theirs["endpoint_config"] in configs and ours["endpoint_config"] not in configs
+    sagemaker.teardown("sd-mme", "us-east-1")
+    assert [e["EndpointName"] for e in sm.list_endpoints()["Endpoints"]] == ["sd-mme-staging"]
+    assert {m["ModelName"] for m in sm.list_models()["Models"]} == {theirs["model"]}
+    assert {c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]} == {
+        theirs["endpoint_config"]
+    }
+    assert again["model"] != theirs["model"]
+    sagemaker.teardown("sd-mme-staging", "us-east-1")
+
+
+def autoscaled_to(count: int) -> None:
+    """What Application Auto Scaling does to a busy endpoint: more instances than configured."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    endpoint = sagemaker_backends["123456789012"]["us-east-1"].endpoints["sd-test"]
+    endpoint.production_variants[0].update(CurrentInstanceCount=count, DesiredInstanceCount=count)
+
+
+def test_redeploying_an_autoscaled_endpoint_follows_the_api_rules(archives, capsys):
+    sm, aas = boto3.client("sagemaker"), boto3.client("application-autoscaling")
+    sagemaker.deploy(settings(instance_count=1, min_instances=1, max_instances=4), poll=0)
+    autoscaled_to(3)
+    time.sleep(1.1)
+    sagemaker.deploy(settings(instance_count=1), poll=0.1)  # new model, same type
+    variant = sm.describe_endpoint(EndpointName="sd-test")["ProductionVariants"][0]
+    assert variant["DesiredInstanceCount"] == 3  # not reset to INSTANCE_COUNT
+    assert "autoscaled instance count kept" in capsys.readouterr().err
+
+    # the real API refuses a new instance type while the variant is a scalable target...
+    config = sm.describe_endpoint(EndpointName="sd-test")["EndpointConfigName"]
+    variants = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+    sm.create_endpoint_config(
+        EndpointConfigName="sd-test-manual",
+        ProductionVariants=[dict(variants[0], InstanceType="ml.c5.xlarge")],
+    )
+    with pytest.raises(sm.exceptions.ClientError, match="must be deregistered as scalable targets"):
+        sm.update_endpoint(EndpointName="sd-test", EndpointConfigName="sd-test-manual")
+    sm.delete_endpoint_config(EndpointConfigName="sd-test-manual")
+    # ...so deploy deregisters, updates, and registers the old bounds again
+    time.sleep(1.1)
+    sagemaker.deploy(settings(instance_type="ml.c5.xlarge"), poll=0.1)
+    assert "autoscaling removed for the update, restored after" in capsys.readouterr().err
+    config = sm.describe_endpoint(EndpointName="sd-test")["EndpointConfigName"]
+    assert sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"][0][
+        "InstanceType"
+    ] == ("ml.c5.xlarge")
+    target = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"][0]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 4)
+    sagemaker.teardown("sd-test", "us-east-1")
