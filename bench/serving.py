@@ -17,8 +17,11 @@ import argparse
 import base64
 import io
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,10 +31,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import sdmme
 from client.base import binary_request, encode_image, request_body
 from deploy.tritonserver import TritonServer
 from sdmme import batching, images, pipelines, weights
 from sdmme.spec import MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def body(i: int, steps: int, size: int) -> dict:
@@ -74,9 +80,26 @@ def in_process(repository: Path, request: dict, repeats: int) -> float:
     return statistics.median(once() for _ in range(repeats))
 
 
+def in_process_like_a_model(repository: Path, request: dict, repeats: int) -> float:
+    """`in_process` in a child process set up as a model process is (its OpenMP policy)."""
+    code = "import json, sys; from pathlib import Path; from bench.serving import in_process; " + (
+        "print(in_process(Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])))"
+    )
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY))
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(repository), json.dumps(request), str(repeats)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def overhead(server: TritonServer, repository: Path, steps: int, size: int, repeats: int) -> list:
     request = body(0, steps, size)
-    local = in_process(repository, request, repeats)
+    local = in_process_like_a_model(repository, request, repeats)
     data = json.dumps(request).encode()
     post(server.url, "sd_base", data)  # warm-up
     times = []

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-# Each model is a process of its own with torch's OpenMP threads; where several share the CPU cores, a
-# spinning thread starves the others' (measured: tiny calls of 0.05 s took 10 s with four models busy).
-# Set before torch is imported; a value set by the operator wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sdmme  # noqa: E402
+
+os.environ.setdefault("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY)  # before torch; the operator's value wins
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
