@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-full weights-hub serve serve-docker demo test test-full lint docs env package upload mme deploy teardown iam-policy bench clean
+.PHONY: venv weights weights-full weights-hub serve serve-docker demo test test-full lint docs env package upload mme deploy teardown iam-policy bench bench-gpu clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -102,6 +102,10 @@ iam-policy: venv
 
 bench: weights
 	$(PY) -m bench.serving
+
+# A machine with a CUDA GPU (and a CUDA torch: make venv TORCH=...); appends to docs/benchmarks.md.
+bench-gpu: venv
+	$(PY) -m bench.gpu
 
 docs: venv
 	$(PY) -m sdmme.docs

@@ -115,12 +115,9 @@ class Bench:
 
 def job(model: str, steps: int, side: int, seed: int = 0) -> batching.Job:
     """One request of `model` with `steps` denoising steps, at `side` pixels (input side for images)."""
-    base = batching.warmup_job(MODELS[model])
-    images = {name: image.resize((side, side)) for name, image in base.images.items()}
-    args = dict(base.args, num_inference_steps=steps, seed=seed)
-    if "height" in args:
-        args.update(height=side, width=side)
-    return batching.Job(0, "a lighthouse at dawn", "", images, args, [seed])
+    request = batching.warmup_job(MODELS[model], side, steps, seed)
+    request.prompt = "a lighthouse at dawn"
+    return request
 
 
 def settings_to_compare(device: torch.device, compile_mode: str) -> Dict[str, pipelines.Settings]:

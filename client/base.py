@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from PIL import Image
 
+from sdmme.spec import BASE64, FILES, WARNINGS
+
 ImageLike = Union[Image.Image, bytes, str]  # a PIL image, encoded file bytes, or a path
-BASE64, FILES, WARNINGS = "generated_image", "generated_image_bytes", "warnings"  # config.pbtxt outputs
 Result = Tuple[List[bytes], List[str]]  # encoded image files, and the server's warnings
 log = logging.getLogger("client")
 

@@ -9,7 +9,6 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from client.base import (
-    BASE64,
     Client,
     ModelError,
     Result,
@@ -17,6 +16,7 @@ from client.base import (
     binary_outputs,
     images_from_result,
 )
+from sdmme.spec import BASE64
 
 
 class TritonClient(Client):

@@ -172,8 +172,8 @@ def execute(
 
     Requests whose callers are gone are dropped before their group runs, and a call stops between
     denoising steps once every request in it is gone. With `cost` (sdmme.budget.CostModel: the seconds a
-    group takes, followed on every call), a group that cannot finish by its requests' deadline is
-    answered at once instead of run. A group that runs
+    group takes at the best speed seen, updated by every call), a group that cannot finish by its
+    requests' deadline is answered at once instead of run. A group that runs
     out of memory is split in halves, which are retried, before anyone fails: only a request that does
     not fit on its own gets the out-of-memory error. Memory is freed after a failure.
     """
@@ -223,20 +223,21 @@ def _all_gone(group: List[Job]) -> Callable[[], bool]:
     return lambda: all(job.gone() for job in group)
 
 
-def warmup_job(spec: ModelSpec) -> Job:
-    """A request at the model's defaults (2 steps), to compile kernels at load instead of on a caller."""
-    args = spec.validate_args({"num_inference_steps": 2, "seed": 0})
-    side = 128 if spec.name == "sd_upscale" else 512
+def warmup_job(spec: ModelSpec, side: Optional[int] = None, steps: int = 2, seed: int = 0) -> Job:
+    """A request at the model's defaults that runs `steps` denoising steps, at `side` pixels (the input
+    side for image models; default: 512, the upscaler 128): compiles kernels at load, times the model."""
+    args = spec.validate_args({"seed": seed})
+    side = side or (128 if spec.name == "sd_upscale" else 512)
     inputs = {
         name: Image.new("L" if name == "mask_image" else "RGB", (side, side), 128)
         for name in spec.image_inputs
     }
-    if inputs and "height" in args:
-        args["height"] = args["height"] or side
-        args["width"] = args["width"] or side
-    if "strength" in args:
-        args["num_inference_steps"] = max(2, math.ceil(2 / args["strength"]))
-    return Job(0, "", "", inputs, args, [0])
+    if "height" in args:
+        args.update(height=side, width=side)
+    args["num_inference_steps"] = math.ceil(
+        steps / args.get("strength", 1.0)
+    )  # img2img runs steps x strength
+    return Job(0, "", "", inputs, args, [seed])
 
 
 def run(runner, group: List[Job], should_stop: Optional[Callable[[], bool]] = None) -> List[List[Any]]:

@@ -14,7 +14,6 @@ a request the instance can serve.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import List
 
@@ -51,7 +50,6 @@ class CostModel:
 def calibrate(runner, spec: ModelSpec) -> CostModel:
     """The faster of two 2-step calls at the model's default size, after a warm-up call."""
     job = batching.warmup_job(spec)
-    job.args["num_inference_steps"] = math.ceil(2 / job.args.get("strength", 1.0))
     times = []
     for _ in range(3):
         start = time.perf_counter()

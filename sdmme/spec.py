@@ -103,6 +103,11 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+# The models' outputs (config.pbtxt): the image files as base64 (the AWS sample's JSON), the files
+# themselves (for binary transport), and what the caller should know (e.g. a prompt cut to 77 tokens).
+BASE64, FILES, WARNINGS = "generated_image", "generated_image_bytes", "warnings"
+OUTPUTS = (BASE64, FILES, WARNINGS)
+
 SCHEDULERS: Tuple[str, ...] = ("default", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc")
 OUTPUT_FORMATS: Tuple[str, ...] = ("jpeg", "png", "webp")
 

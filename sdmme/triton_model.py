@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import sdmme  # noqa: E402
+import sdmme
 
 os.environ.setdefault("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY)  # before torch; the operator's value wins
 
@@ -18,12 +18,9 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from sdmme import batching, budget, images, pipelines  # noqa: E402
-from sdmme.spec import MODELS, InvalidInput, ModelSpec, caller_safe  # noqa: E402
+from sdmme.spec import BASE64, FILES, MODELS, OUTPUTS, WARNINGS, InvalidInput, ModelSpec, caller_safe  # noqa: E402
 
 log = logging.getLogger("sdmme")
-BASE64, FILES = "generated_image", "generated_image_bytes"  # the image files as base64, or as they are
-WARNINGS = "warnings"  # what the caller should know (a prompt cut to the text encoder's window)
-OUTPUTS = (BASE64, FILES, WARNINGS)
 
 
 def caller_error(message: str):
@@ -176,11 +173,12 @@ class DiffusionModel:
                 else:
                     jobs.append(job)
             for group, outcome in batching.execute(self.runner, jobs, self.spec.name, self.cost):
-                for job in group:
-                    if isinstance(outcome, Exception):
+                if isinstance(outcome, Exception):
+                    for job in group:
                         answer(job.index, self._failure(outcome))
-                    else:
-                        answer(job.index, self._respond(job, outcome[group.index(job)], requested[job.index]))
+                else:
+                    for job, generated in zip(group, outcome):
+                        answer(job.index, self._respond(job, generated, requested[job.index]))
         except Exception as e:  # a fault of ours: every request still gets its answer
             log.exception("%s: execute failed", self.spec.name)
             for i, done in enumerate(answered):

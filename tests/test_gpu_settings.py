@@ -28,14 +28,7 @@ ALL_ON = pipelines.Settings(dtype="float16", channels_last=True, fuse_qkv=True, 
 
 def small_job(model: str, steps: int = 1) -> batching.Job:
     """The warm-up request at the smallest size, `steps` denoising steps."""
-    job = batching.warmup_job(MODELS[model])
-    side = 32 if model == "sd_upscale" else 64
-    job.images = {name: image.resize((side, side)) for name, image in job.images.items()}
-    if "height" in job.args:
-        job.args.update(height=64, width=64)
-    strength = job.args.get("strength", 1.0)
-    job.args["num_inference_steps"] = int(np.ceil(steps / strength))
-    return job
+    return batching.warmup_job(MODELS[model], 32 if model == "sd_upscale" else 64, steps)
 
 
 def processors(module) -> set:
@@ -56,11 +49,15 @@ def test_settings_from_config_parameters():
         {"channels_last": "TRUE", "compile": "max-autotune", "EXECUTION_ENV_PATH": "$$X/env"}, base
     )
     assert parsed.channels_last and parsed.compile == "max-autotune" and parsed.attention == base.attention
+    assert pipelines.Settings.from_parameters({"time_budget_s": "12.5"}, base).time_budget_s == 12.5
     for parameters, message in [
         ({"attention": "flash"}, "attention='flash' is not one of sdpa, xformers"),
         ({"vae_slicing": "yes"}, "vae_slicing must be true or false"),
         ({"turbo": "true"}, "'turbo' is not a pipeline setting"),
         ({"attention": "xformers", "fuse_qkv": "true"}, "cannot go with attention=xformers"),
+        ({"time_budget_s": "soon"}, "time_budget_s must be a number"),
+        ({"time_budget_s": "-5"}, "time_budget_s must be 0 or more"),
+        ({"time_budget_s": "nan"}, "time_budget_s must be 0 or more"),
     ]:
         with pytest.raises(ValueError, match=message):
             pipelines.Settings.from_parameters(parameters, base)
