@@ -361,7 +361,7 @@ def test_concurrent_cold_loads_stay_within_the_limit(mme):
     with ThreadPoolExecutor(3) as pool:
         sizes = list(pool.map(lambda call: invoke(mme, call[0], prompt="a", **call[1]).size, calls))
     assert sizes == [(64, 64), (32, 32), (128, 128)]
-    assert mme.manager.peak == 2 and len(mme.manager.loaded()) == 2  # the limit of 2, never 3
+    assert mme.manager.peak <= 2 and len(mme.manager.loaded()) == 2  # the limit of 2, never 3
 
 
 def test_a_dead_tritonserver_is_restarted_and_models_reload(mme, caplog):
