@@ -358,10 +358,15 @@ def test_concurrent_cold_loads_stay_within_the_limit(mme):
         ("sd_depth.tar.gz", {"image": image, "gen_args": FAST}),
         ("sd_upscale.tar.gz", {"image": image, "gen_args": FAST}),
     ]
+    before = {target: loads_in_log(mme, target) for target, _ in calls}
     with ThreadPoolExecutor(3) as pool:
         sizes = list(pool.map(lambda call: invoke(mme, call[0], prompt="a", **call[1]).size, calls))
     assert sizes == [(64, 64), (32, 32), (128, 128)]
     assert mme.manager.peak <= 2 and len(mme.manager.loaded()) == 2  # the limit of 2, never 3
+    # The third waited for a model to finish its request: none was evicted before serving and loaded twice.
+    assert {target: loads_in_log(mme, target) - before[target] for target, _ in calls} == {
+        target: 1 for target, _ in calls
+    }
 
 
 def test_a_dead_tritonserver_is_restarted_and_models_reload(mme, caplog):

@@ -72,10 +72,13 @@ class Model:
     name: str  # what the platform calls it in the container: a hash of the target
     lock: threading.Lock = field(default_factory=threading.Lock)
     loaded: bool = False
+    users: int = 0  # requests being served by it now
 
 
 class ModelManager:
-    """Loads each TargetModel once, keeps at most `max_models` loaded, unloads the least recently used."""
+    """Loads each TargetModel once, keeps at most `max_models` loaded, unloads the least recently used
+    of those not serving a request (a model loaded for a waiting request is not evicted before it serves it).
+    """
 
     def __init__(
         self,
@@ -106,11 +109,10 @@ class ModelManager:
     def invoke(self, target: str, body: bytes, content_type: str) -> Tuple[bytes, str, Dict[str, float]]:
         timings: Dict[str, float] = {}
         for attempt in (1, 2):
-            model = self._ensure_loaded(target, timings)
+            model = self._acquire(target, timings)
             start = time.monotonic()
             try:
                 status, data, headers = self.front.invoke(model.name, target, body, content_type)
-                break
             except TimeoutError:
                 raise EndpointError.model_error(
                     408,
@@ -121,10 +123,13 @@ class ModelManager:
             except OSError as e:  # connection refused or reset: tritonserver is gone
                 if attempt == 2 or not self.recover(e):
                     raise
+                continue
+            finally:
+                self._release(model)
+            if status == 404 and attempt == 1:  # unloaded between our check and the call: load it again
+                continue
+            break
         timings["invoke"] = time.monotonic() - start
-        if status == 404:  # unloaded between our check and the call (evicted by a concurrent load): once more
-            model = self._ensure_loaded(target, timings)
-            status, data, headers = self.front.invoke(model.name, target, body, content_type)
         if status != 200:
             message = _error_text(data)
             raise EndpointError.model_error(
@@ -145,24 +150,29 @@ class ModelManager:
                 self.models[target] = Model(target, hashlib.sha256(target.encode()).hexdigest()[:32])
             return self.models[target]
 
-    def _ensure_loaded(self, target: str, timings: Dict[str, float]) -> Model:
+    def _acquire(self, target: str, timings: Dict[str, float]) -> Model:
+        """The model, loaded and marked in use: a model serving a request is never the one evicted."""
         model = self._model(target)
         with model.lock:  # concurrent first requests wait here: one download, one load
-            if model.loaded:
-                with self.lock:
-                    if target in self.lru:
-                        self.lru.move_to_end(target)
-                return model
-            folder = self.root / model.name
-            if not (folder / "model").is_dir():
-                self._fetch(model, folder, timings)
-            self._reserve_slot()
-            try:
-                self._load(model, folder / "model", timings)
-            finally:
-                with self.lock:
-                    self.loading -= 1
+            if not model.loaded:
+                folder = self.root / model.name
+                if not (folder / "model").is_dir():
+                    self._fetch(model, folder, timings)
+                self._reserve_slot()
+                try:
+                    self._load(model, folder / "model", timings)
+                finally:
+                    with self.lock:
+                        self.loading -= 1
+            with self.lock:
+                if target in self.lru:
+                    self.lru.move_to_end(target)
+                model.users += 1
             return model
+
+    def _release(self, model: Model) -> None:
+        with self.lock:
+            model.users -= 1
 
     def _reserve_slot(self) -> None:
         """Wait until a load fits under the limit, evicting the least recently used models."""
@@ -172,7 +182,7 @@ class ModelManager:
                     self.loading += 1
                     self.peak = max(self.peak, len(self.lru) + self.loading)
                     return
-            if not self._evict_one():  # every slot is a load under way: wait for one to finish
+            if not self._evict_one():  # every slot is busy loading or serving: wait for one to free
                 time.sleep(0.2)
 
     def recover(self, error: BaseException) -> bool:
@@ -247,9 +257,11 @@ class ModelManager:
 
     def _evict_one(self) -> bool:
         with self.lock:
-            if not self.lru:
+            idle = [target for target, model in self.lru.items() if model.users == 0]
+            if not idle:
                 return False
-            target, victim = self.lru.popitem(last=False)
+            target = idle[0]
+            victim = self.lru.pop(target)
         start = time.monotonic()
         with victim.lock:  # requests for it wait, then load it again
             victim.loaded = False
