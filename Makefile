@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-full weights-hub serve serve-docker demo test test-full lint docs env package upload mme deploy teardown iam-policy bench bench-gpu clean
+.PHONY: venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package upload mme deploy teardown iam-policy bench bench-gpu clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +31,15 @@ weights-full: venv
 # Real weights from the Hugging Face hub (fp16 safetensors, about 5 GB); replaces tiny ones.
 weights-hub: venv
 	$(PY) -m sdmme.weights hub --force
+
+# Your own model, served as <NAME>.tar.gz next to the defaults: weights from a single-file checkpoint
+# (.safetensors), a diffusers folder or a hub id, optionally with a LoRA fused in (README: Your own models).
+REPOSITORY ?= model_repository
+LORA_SCALE ?= 1.0
+model: venv
+	@test -n "$(NAME)" -a -n "$(KIND)" -a -n "$(WEIGHTS)" || (echo "usage: make model NAME=my_style KIND=sd_base|sd_depth|sd_inpaint|sd_upscale WEIGHTS=file.safetensors|folder|hub-id [LORA=file-or-hub-id LORA_SCALE=1.0] [CONFIG=folder-or-hub-id] [FORCE=1]"; exit 2)
+	$(PY) -m sdmme.repository "$(NAME)" --kind "$(KIND)" --weights "$(WEIGHTS)" --repository "$(REPOSITORY)" \
+	  $(if $(LORA),--lora "$(LORA)" --lora-scale $(LORA_SCALE)) $(if $(CONFIG),--config "$(CONFIG)") $(if $(FORCE),--force)
 
 serve: weights
 	$(PY) -m deploy.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
@@ -75,6 +84,11 @@ package: weights env
 upload: venv
 	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
 	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(if $(VERSION),--version "$(VERSION)") $(if $(REPLACE),--replace)
+
+# The models under s3://BUCKET/PREFIX/ with their kinds (what an endpoint on that prefix serves).
+models: venv
+	@test -n "$(BUCKET)" || (echo "usage: make models BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
+	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --list
 
 # Local SageMaker MME on MME_PORT, models from s3://BUCKET/PREFIX/ (S3 via AWS_ENDPOINT_URL when set).
 MME_PORT ?= 8080

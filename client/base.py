@@ -159,11 +159,21 @@ class Client:
     def _pil(self, *args, **kwargs) -> List[Image.Image]:
         return [Image.open(io.BytesIO(data)) for data in self.generate(*args, **kwargs)]
 
-    def txt2img(self, prompt: str, negative_prompt: Optional[str] = None, **gen_args) -> List[Image.Image]:
-        return self._pil("sd_base", prompt, negative_prompt, **gen_args)
+    # `model`: any model of the method's kind by name (the default one, or one from `make model`).
+    def txt2img(
+        self, prompt: str, negative_prompt: Optional[str] = None, model: str = "sd_base", **gen_args
+    ) -> List[Image.Image]:
+        return self._pil(model, prompt, negative_prompt, **gen_args)
 
-    def depth(self, image: ImageLike, prompt: str, negative_prompt: Optional[str] = None, **gen_args):
-        return self._pil("sd_depth", prompt, negative_prompt, {"image": image}, **gen_args)
+    def depth(
+        self,
+        image: ImageLike,
+        prompt: str,
+        negative_prompt: Optional[str] = None,
+        model: str = "sd_depth",
+        **gen_args,
+    ):
+        return self._pil(model, prompt, negative_prompt, {"image": image}, **gen_args)
 
     def inpaint(
         self,
@@ -171,11 +181,19 @@ class Client:
         mask_image: ImageLike,
         prompt: str,
         negative_prompt: Optional[str] = None,
+        model: str = "sd_inpaint",
         **gen_args,
     ) -> List[Image.Image]:
         return self._pil(
-            "sd_inpaint", prompt, negative_prompt, {"image": image, "mask_image": mask_image}, **gen_args
+            model, prompt, negative_prompt, {"image": image, "mask_image": mask_image}, **gen_args
         )
 
-    def upscale(self, image: ImageLike, prompt: str = "", negative_prompt: Optional[str] = None, **gen_args):
-        return self._pil("sd_upscale", prompt, negative_prompt, {"image": image}, **gen_args)
+    def upscale(
+        self,
+        image: ImageLike,
+        prompt: str = "",
+        negative_prompt: Optional[str] = None,
+        model: str = "sd_upscale",
+        **gen_args,
+    ):
+        return self._pil(model, prompt, negative_prompt, {"image": image}, **gen_args)

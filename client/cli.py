@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         spec = MODELS[model]
         sub = commands.add_parser(command, help=f"{model}: {spec.description}")
         sub.add_argument("prompt", nargs="?" if model == "sd_upscale" else None, default="")
+        sub.add_argument(
+            "--model",
+            default=model,
+            help=f"a model of this kind by name, e.g. one from `make model` (default {model})",
+        )
         sub.add_argument("--negative-prompt")
         for name in spec.image_inputs:
             sub.add_argument(
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace, client: Client) -> List[Path]:
     spec = MODELS[COMMANDS[args.command]]
     gen_args = {p.name: getattr(args, p.name) for p in spec.params if hasattr(args, p.name)}
     images = {name: getattr(args, name).read_bytes() for name in spec.image_inputs}
-    encoded = client.generate(spec.name, args.prompt, args.negative_prompt, images, **gen_args)
+    encoded = client.generate(args.model, args.prompt, args.negative_prompt, images, **gen_args)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, data in enumerate(encoded):

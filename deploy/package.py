@@ -1,8 +1,11 @@
-"""`make package`: one self-contained `<model>.tar.gz` per model, as a SageMaker MME serves it.
+"""`make package`: one self-contained `<model>.tar.gz` per model in the repository, as a SageMaker MME
+serves it.
 
-Each archive holds one top-level folder named after the model: config.pbtxt (with EXECUTION_ENV_PATH
-pointing inside the model folder), 1/model.py, 1/weights/, the packed environment (which carries the
-sdmme runtime) and a manifest. Everything is checked before anything is written.
+Each archive holds one top-level folder named after the model: its manifest first (a reader of the
+first few kilobytes learns the model's kind without decompressing the rest), config.pbtxt (with
+EXECUTION_ENV_PATH pointing inside the model folder), 1/model.py, 1/weights/ and the packed environment
+(which carries the sdmme runtime). Nothing else in the model folder is shipped. Everything is checked
+before anything is written.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ import argparse
 import json
 import re
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import IO, Dict, List, Optional
 
 from deploy import tarball
 from env import contract
 from env.build import OUTPUT as ENV_ARCHIVE
 from env.build import verified_manifest
+from sdmme import repository
 from sdmme.spec import MODELS
 
 ENV_NAME = "sd_env.tar.gz"
@@ -49,6 +54,12 @@ def check_model(folder: Path) -> Dict:
         raise PackageError(f'{name}: config.pbtxt must say name: "{name}" (the folder name)')
     if not re.search(r'^backend:\s*"python"', config, re.M):
         raise PackageError(f'{name}: config.pbtxt must say backend: "python"')
+    kind = repository.kind_in(config)
+    if kind not in MODELS:
+        raise PackageError(
+            f"{name}: config.pbtxt must declare its kind, one of {', '.join(MODELS)} "
+            f'(parameters: {{ key: "kind" value: {{ string_value: "..." }} }}), it says {kind!r}'
+        )
     if "EXECUTION_ENV_PATH" in config:
         raise PackageError(f"{name}: config.pbtxt already sets EXECUTION_ENV_PATH; packaging adds it")
     if not (folder / "1" / "model.py").exists():
@@ -64,22 +75,36 @@ def check_model(folder: Path) -> Dict:
     if not any(weights.rglob("*.safetensors")):
         raise PackageError(f"{name}: {weights} holds no .safetensors files")
     source = json.loads((weights / "source.json").read_text()) if (weights / "source.json").exists() else {}
-    return {"model": name, "weights": source.get("source", "unknown")}
+    return {"model": name, "kind": kind, "weights": source.get("source", "unknown")}
 
 
 def members(folder: Path, staging: Path, env_archive: Path) -> List:
-    """What goes into the archive, in the archive's layout."""
+    """What goes into the archive, in the archive's layout: what serving reads, nothing a build left."""
     name = folder.name
     config = staging / "config.pbtxt"
     config.write_text((folder / "config.pbtxt").read_text().rstrip("\n") + "\n" + ENV_PARAMETER)
     files = [(config, f"{name}/config.pbtxt"), (staging / MANIFEST, f"{name}/{MANIFEST}")]
     files.append((env_archive, f"{name}/{ENV_NAME}"))
-    for path in sorted((folder / "1").rglob("*")):
+    files.append((folder / "1" / "model.py", f"{name}/1/model.py"))
+    for path in sorted((folder / "1" / "weights").rglob("*")):
         relative = path.relative_to(folder)
         if "__pycache__" in relative.parts or path.is_dir():
             continue
         files.append((path, f"{name}/{relative.as_posix()}"))
     return files
+
+
+def read_manifest(stream: IO[bytes]) -> Optional[Dict]:
+    """The manifest of an archive from the start of its bytes (the first member), None if it is not
+    first there (an archive from before it was)."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|gz") as tar:
+            first = tar.next()
+            if first is None or not first.name.endswith("/" + MANIFEST) or first.name.count("/") != 1:
+                return None
+            return json.load(tar.extractfile(first))
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return None
 
 
 def package(repository: Path, models: List[str], dist: Path, env_archive: Path = ENV_ARCHIVE) -> List[Path]:
@@ -105,7 +130,11 @@ def package(repository: Path, models: List[str], dist: Path, env_archive: Path =
             print(f"packing {dest}", file=sys.stderr, flush=True)
             # The environment is already compressed: a light level saves minutes and little space.
             tarball.write(
-                dest, members(folder, staging, env_archive), f"packing {dest.name}", compresslevel=1
+                dest,
+                members(folder, staging, env_archive),
+                f"packing {dest.name}",
+                compresslevel=1,
+                first=f"{info['model']}/{MANIFEST}",
             )
             written.append(dest)
     for path in written:
@@ -118,12 +147,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", help="default: every model in the repository")
     parser.add_argument("--dist", type=Path, default=Path("dist"))
     parser.add_argument("--env", type=Path, default=ENV_ARCHIVE, help="packed environment (make env)")
     args = parser.parse_args()
     try:
-        package(args.repository, args.models, args.dist, args.env)
+        found = repository.models(args.repository)
+        unknown = sorted(set(args.models or []) - set(found))
+        if unknown:
+            raise PackageError(f"no such model in {args.repository}: {', '.join(unknown)}")
+        package(args.repository, args.models or sorted(found), args.dist, args.env)
     except PackageError as e:
         raise SystemExit(f"make package: {e}") from None
 

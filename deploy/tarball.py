@@ -9,7 +9,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 CHUNK = 1 << 20
 
@@ -71,12 +71,19 @@ def tree_size(paths: Iterable[Path]) -> int:
     return total
 
 
-def write(dest: Path, members: Iterable[Tuple[Path, str]], label: str, compresslevel: int = 6) -> Path:
+def write(
+    dest: Path,
+    members: Iterable[Tuple[Path, str]],
+    label: str,
+    compresslevel: int = 6,
+    first: Optional[str] = None,
+) -> Path:
     """Write `members` (local path, name in archive; folders recursively) to dest, atomically.
 
-    Entries are sorted with fixed mtime, owner and modes, and the gzip header has no name or time.
+    Entries are sorted (the one named `first` ahead of the rest) with fixed mtime, owner and modes, and
+    the gzip header has no name or time.
     """
-    members = sorted(members, key=lambda member: member[1])
+    members = sorted(members, key=lambda member: (member[1] != first, member[1]))
     progress = Progress(label, tree_size(p for p, _ in members))
     partial = dest.with_name(dest.name + ".partial")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,8 @@ upload leaves no object behind and can simply be re-run.
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import sys
-import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -22,7 +21,7 @@ from botocore.exceptions import ClientError
 from tqdm import tqdm
 
 from deploy import tarball
-from deploy.package import MANIFEST
+from deploy.package import MANIFEST, read_manifest
 
 SHA_KEY = "sha256"  # x-amz-meta-sha256
 PYTHON_KEY = "python"  # x-amz-meta-python: the archive's env Python, checked by deploy
@@ -34,11 +33,11 @@ def s3_client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
 
 
 def archive_manifest(path: Path) -> Dict:
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.name.endswith("/" + MANIFEST) and member.name.count("/") == 1:
-                return json.load(tar.extractfile(member))
-    raise ValueError(f"{path} has no {MANIFEST}: build it with `make package`")
+    with open(path, "rb") as f:
+        manifest = read_manifest(f)
+    if manifest is None:
+        raise ValueError(f"{path} does not start with its {MANIFEST}: build it with `make package`")
+    return manifest
 
 
 def key_for(prefix: str, path: Path, version: Optional[str] = None) -> str:
@@ -119,6 +118,30 @@ def upload(
     return outcome
 
 
+MANIFEST_BYTES = 64 * 1024  # the manifest is the first member: well inside the first 64 KiB
+
+
+def catalog(s3, bucket: str, prefix: str) -> List[Dict]:
+    """Every model under s3://bucket/prefix/: its TargetModel, kind (from the manifest at the start of
+    the archive, read with one ranged GET) and size. What an MME on that prefix can serve."""
+    prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith(".tar.gz"):
+                continue
+            head = s3.get_object(Bucket=bucket, Key=item["Key"], Range=f"bytes=0-{MANIFEST_BYTES - 1}")
+            manifest = read_manifest(io.BytesIO(head["Body"].read())) or {}
+            found.append(
+                {
+                    "target_model": item["Key"][len(prefix) :],
+                    "kind": manifest.get("kind", "unknown"),
+                    "bytes": item["Size"],
+                }
+            )
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,7 +153,12 @@ def main() -> None:
     parser.add_argument("--region")
     parser.add_argument("--version", help="upload as <model>-VERSION.tar.gz (a new TargetModel)")
     parser.add_argument("--replace", action="store_true", help="replace objects that differ (see above)")
+    parser.add_argument("--list", action="store_true", help="list the models under the prefix and exit")
     args = parser.parse_args()
+    if args.list:
+        for item in catalog(s3_client(args.endpoint_url, args.region), args.bucket, args.prefix):
+            print(f"{item['target_model']:40} {item['kind']:12} {item['bytes'] / 1e6:10,.1f} MB")
+        return
     archives = sorted(args.dist.glob("*.tar.gz"))
     if not archives:
         raise SystemExit(f"make upload: no archives in {args.dist}: run `make package` first")

@@ -20,7 +20,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from sdmme.batching import Interrupted
-from sdmme.spec import ModelSpec
+from sdmme.spec import KIND_PARAMETER, ModelSpec
 
 log = logging.getLogger("sdmme")
 
@@ -44,8 +44,8 @@ CHOICES = {
     "attention": ("sdpa", "xformers"),
     "compile": ("none", "default", "max-autotune"),
 }
-# Parameters in a config.pbtxt that belong to Triton, not to these settings.
-TRITON_PARAMETERS = ("EXECUTION_ENV_PATH",)
+# Parameters in a config.pbtxt that are not these settings: Triton's, and the model's kind.
+OTHER_PARAMETERS = ("EXECUTION_ENV_PATH", KIND_PARAMETER)
 
 
 def _setting(default, help: str):
@@ -85,7 +85,7 @@ class Settings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, text in parameters.items():
-            if key in TRITON_PARAMETERS:
+            if key in OTHER_PARAMETERS:
                 continue
             if key not in fields:
                 raise ValueError(

@@ -108,6 +108,10 @@ def _fmt(x: float) -> str:
 BASE64, FILES, WARNINGS = "generated_image", "generated_image_bytes", "warnings"
 OUTPUTS = (BASE64, FILES, WARNINGS)
 
+# The config.pbtxt parameter that says which of MODELS a model is: its pipeline, inputs and gen_args.
+# Model names are free (`make model`); the kind is what the shared model code needs.
+KIND_PARAMETER = "kind"
+
 SCHEDULERS: Tuple[str, ...] = ("default", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc")
 OUTPUT_FORMATS: Tuple[str, ...] = ("jpeg", "png", "webp")
 

@@ -1,4 +1,4 @@
-"""The one TritonPythonModel implementation; each model.py subclasses it and names its spec."""
+"""The one TritonPythonModel implementation; each model.py subclasses it, config.pbtxt names its kind."""
 
 from __future__ import annotations
 
@@ -18,7 +18,17 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from sdmme import batching, budget, images, pipelines  # noqa: E402
-from sdmme.spec import BASE64, FILES, MODELS, OUTPUTS, WARNINGS, InvalidInput, ModelSpec, caller_safe  # noqa: E402
+from sdmme.spec import (  # noqa: E402
+    BASE64,
+    FILES,
+    KIND_PARAMETER,
+    MODELS,
+    OUTPUTS,
+    WARNINGS,
+    InvalidInput,
+    ModelSpec,
+    caller_safe,
+)
 
 log = logging.getLogger("sdmme")
 
@@ -61,17 +71,28 @@ def check_config(spec: ModelSpec, config: dict) -> None:
         )
 
 
-class DiffusionModel:
-    spec_name: str  # set by each model.py
+def kind_of(config: dict) -> ModelSpec:
+    """The spec of the kind config.pbtxt declares (parameters: kind)."""
+    kind = config.get("parameters", {}).get(KIND_PARAMETER, {}).get("string_value")
+    if kind not in MODELS:
+        raise ValueError(
+            f"config.pbtxt of {config.get('name')} must declare its kind, one of {', '.join(MODELS)}: "
+            f'parameters: {{ key: "{KIND_PARAMETER}" value: {{ string_value: "sd_base" }} }}'
+            + (f" (it says {kind!r})" if kind is not None else "")
+        )
+    return MODELS[kind]
 
+
+class DiffusionModel:
     def initialize(self, args):
         if not log.handlers:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)
-        self.spec = MODELS[self.spec_name]
         config = json.loads(args["model_config"])
+        self.spec = kind_of(config)
+        self.name = args["model_name"]  # the model's own name (the TargetModel under SageMaker)
         check_config(self.spec, config)
         device, defaults = pipelines.device_for(args["model_instance_kind"], args["model_instance_device_id"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -86,14 +107,14 @@ class DiffusionModel:
             if settings.compile != "none":
                 warm = time.monotonic()
                 batching.run(self.runner, [batching.warmup_job(self.spec)])
-                log.info("%s: compiled and warmed up in %.1fs", self.spec.name, time.monotonic() - warm)
+                log.info("%s: compiled and warmed up in %.1fs", self.name, time.monotonic() - warm)
             self.cost = budget.calibrate(self.runner, self.spec) if self.budget else None
         except Exception as e:
             if pipelines.is_out_of_memory(e):
                 # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
-                raise RuntimeError(f"out of memory loading {self.spec.name}: {e}") from e
+                raise RuntimeError(f"out of memory loading {self.name}: {e}") from e
             raise
-        log.info("%s (%s): ready in %.1fs", self.spec.name, args["model_name"], time.monotonic() - start)
+        log.info("%s (%s): ready in %.1fs", self.name, self.spec.name, time.monotonic() - start)
 
     def _parse(self, index: int, request):
         try:
@@ -102,7 +123,7 @@ class DiffusionModel:
         except InvalidInput as e:
             return None, caller_error(str(e))
         except Exception as e:  # whatever a caller sends fails that request alone
-            log.exception("%s: request %d could not be parsed", self.spec.name, index)
+            log.exception("%s: request %d could not be parsed", self.name, index)
             return None, caller_error(f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}")
         for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
             tokens = self.runner.prompt_tokens(text)
@@ -120,14 +141,14 @@ class DiffusionModel:
             job.deadline = self.started + self.budget
         job.cancelled = request.is_cancelled
         for warning in job.warnings:
-            log.info("%s: request %d: %s", self.spec.name, index, warning)
+            log.info("%s: request %d: %s", self.name, index, warning)
         return job, None
 
     def _respond(self, job, generated, requested):
         try:
             files = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
         except Exception as e:
-            log.exception("%s: encoding request %d's images failed", self.spec.name, job.index)
+            log.exception("%s: encoding request %d's images failed", self.name, job.index)
             return caller_error(
                 f"the generated image could not be encoded as {job.args['output_format']} "
                 f"({type(e).__name__}: {e}); try another output_format"
@@ -172,7 +193,7 @@ class DiffusionModel:
                     answer(i, error)
                 else:
                     jobs.append(job)
-            for group, outcome in batching.execute(self.runner, jobs, self.spec.name, self.cost):
+            for group, outcome in batching.execute(self.runner, jobs, self.name, self.cost):
                 if isinstance(outcome, Exception):
                     for job in group:
                         answer(job.index, self._failure(outcome))
@@ -180,7 +201,7 @@ class DiffusionModel:
                     for job, generated in zip(group, outcome):
                         answer(job.index, self._respond(job, generated, requested[job.index]))
         except Exception as e:  # a fault of ours: every request still gets its answer
-            log.exception("%s: execute failed", self.spec.name)
+            log.exception("%s: execute failed", self.name)
             for i, done in enumerate(answered):
                 if not done:
                     answer(i, _error(f"internal error: {type(e).__name__}: {e}"))
@@ -199,4 +220,4 @@ class DiffusionModel:
     def finalize(self):
         del self.runner
         pipelines.free_memory(self.device)
-        log.info("%s: unloaded", self.spec.name)
+        log.info("%s: unloaded", self.name)

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 from sdmme.spec import MODELS
@@ -72,13 +72,13 @@ def _variant(files: Sequence[str]) -> Optional[str]:
     return "fp16" if fp16 == components else None
 
 
-def _resolve_one(source: str) -> Resolved:
-    if source.startswith(("file://", "/", "./", "../")):
+def _resolve_one(source: str, need_weights: bool = True) -> Resolved:
+    if source.startswith(("file://", "/", "./", "../")) or Path(source).is_dir():
         folder = Path(urlparse(source).path if source.startswith("file://") else source)
         if not (folder / "model_index.json").is_file():
             raise SourceError(f"no model_index.json in {folder}")
         files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-        return Resolved(str(folder), None, _variant(files))
+        return Resolved(str(folder), None, _variant(files) if need_weights else None)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -90,25 +90,30 @@ def _resolve_one(source: str) -> Resolved:
         raise SourceError("not found on the hub (removed, or private: set HF_TOKEN)") from None
     except Exception as e:  # offline, DNS, proxy, timeouts
         raise SourceError(f"unreachable ({type(e).__name__}: {str(e)[:200]})") from None
-    return Resolved(source, info.sha, _variant([s.rfilename for s in info.siblings or []]))
+    files = [s.rfilename for s in info.siblings or []]
+    return Resolved(source, info.sha, _variant(files) if need_weights else None)
 
 
-def resolve(model: str, sources: Sequence[str]) -> Tuple[Resolved, List[str]]:
-    """The first source that can provide the weights, and what was tried before it."""
+def resolve(model: str, sources: Sequence[str], need_weights: bool = True) -> Tuple[Resolved, List[str]]:
+    """The first source that can provide the weights (or, without need_weights, the configs and
+    tokenizer alone), and what was tried before it."""
     tried = []
     for source in sources:
         try:
-            resolved = _resolve_one(source)
+            resolved = _resolve_one(source, need_weights)
         except SourceError as e:
             tried.append(f"{source}: {e}")
             log.warning("%s: %s cannot be used (%s); trying the next source", model, source, e)
             continue
         log.info(
-            "%s: weights from %s%s (%s)",
+            "%s: %s from %s%s%s",
             model,
+            "weights" if need_weights else "configs and tokenizer",
             resolved.location,
             f" at {resolved.revision}" if resolved.revision else "",
-            "fp16 variant" if resolved.variant else "full precision, converted to fp16",
+            (" (fp16 variant)" if resolved.variant else " (full precision, converted to fp16)")
+            if need_weights
+            else "",
         )
         return resolved, tried
     raise SystemExit(
@@ -119,11 +124,17 @@ def resolve(model: str, sources: Sequence[str]) -> Tuple[Resolved, List[str]]:
     )
 
 
-def _download(model: str, sources: Optional[Sequence[str]] = None):
+def download(
+    model: str, sources: Optional[Sequence[str]] = None, check: Optional[Callable[[Resolved], None]] = None
+):
+    """The pipeline of `model` (a kind) from the first usable source; `check` may refuse it before the
+    weights are read."""
     import diffusers
     import torch
 
     resolved, tried = resolve(model, sources or MODELS[model].hub_sources)
+    if check is not None:
+        check(resolved)
     # Only the files the pipeline needs, safetensors only; the hub shows progress bars. Without an fp16
     # variant the full-precision weights are read as fp16: the saved weights are fp16 either way.
     pipeline = getattr(diffusers, MODELS[model].pipeline).from_pretrained(
@@ -146,7 +157,7 @@ def _built(builder):
     return lambda model, sources=None: (builder(model), {})
 
 
-SOURCES = {"tiny": _built(_build_tiny), "full": _built(_build_full), "hub": _download}
+SOURCES = {"tiny": _built(_build_tiny), "full": _built(_build_full), "hub": download}
 
 
 def fill(

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from botocore.exceptions import ClientError
 
+from deploy import upload
 from deploy.mme import archive, frontend
 
 log = logging.getLogger("mme")
@@ -315,8 +316,14 @@ class Handler(BaseHTTPRequestHandler):
             self._send(
                 200 if healthy else 503, b"" if healthy else b"tritonserver is not healthy", "text/plain"
             )
-        elif self.path == "/models":
-            self._send(200, json.dumps({"loaded": self.server.manager.loaded()}).encode(), "application/json")
+        elif self.path == "/models":  # what this endpoint can serve (its S3 prefix) and what is loaded
+            manager = self.server.manager
+            loaded = manager.loaded()
+            models = [
+                {**item, "loaded": item["target_model"] in loaded}
+                for item in upload.catalog(manager.s3, manager.bucket, manager.prefix)
+            ]
+            self._send(200, json.dumps({"models": models, "loaded": loaded}).encode(), "application/json")
         else:
             self._error(EndpointError(404, "UnknownOperationException", f"no route for GET {self.path}"))
 
