@@ -67,7 +67,7 @@ def files(tmp_path_factory):
     save_file(
         {k.replace("unet.", "unet.extra_"): v for k, v in state.items()}, root / "lora_nowhere.safetensors"
     )
-    wider = {k: torch.randn(v.shape[0], v.shape[1] + 8) if ".lora.down." in k else v for k, v in state.items()}
+    wider = {k: torch.randn(v.shape[0], v.shape[1] + 8) if ".down." in k else v for k, v in state.items()}
     save_file(wider, root / "lora_wider.safetensors")  # the same layers, other widths
     xl = pipeline_to_ldm(tiny.sd_base(), "open_clip")
     xl["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77)
