@@ -165,6 +165,9 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
     shutil.copytree(tiny_repository / "sd_upscale", repository / "sd_upscale")
     config = repository / "sd_upscale" / "config.pbtxt"
     config.write_text(config.read_text().replace('{ name: "image" data_type: TYPE_STRING dims: [ 1 ] },', ""))
+    shutil.copytree(tiny_repository / "sd_inpaint", repository / "sd_inpaint")
+    config = repository / "sd_inpaint" / "config.pbtxt"
+    config.write_text(config.read_text().replace('key: "kind"', 'key: "sort"'))
     log_file = tmp_path / "tritonserver.log"
     with TritonServer(repository, extra=["--model-control-mode=explicit"], log_file=log_file) as server:
         status, body = post(server, "/v2/repository/models/sd_depth/load", {})
@@ -179,6 +182,8 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
         status, body = post(server, "/v2/repository/models/sd_upscale/load", {})
         assert status == 400 and "disagrees with the sd_upscale spec" in body["error"]
         assert "input image is missing" in body["error"]
+        status, body = post(server, "/v2/repository/models/sd_inpaint/load", {})
+        assert status == 400 and "config.pbtxt of sd_inpaint must declare its kind, one of" in body["error"]
     log = log_file.read_text()
     assert (
         "sd_depth: loaded StableDiffusionDepth2ImgPipeline on cpu (float16, attention: sdpa, fused qkv" in log

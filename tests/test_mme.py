@@ -13,16 +13,19 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
+import brought
+import numpy as np
 import pytest
 from botocore.exceptions import ClientError
-from conftest import b64, picture, point_aws_at, sample_payload
+from conftest import b64, copy_repository, picture, point_aws_at, sample_payload
 from PIL import Image
 
 from client import EndpointClient
 from client.base import binary_request, request_body
 from client.cli import main as cli
-from deploy import tarball, upload
+from deploy import package, tarball, upload
 from deploy.mme.service import LocalEndpoint
+from sdmme import repository
 
 BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
 FAST = json.dumps({"num_inference_steps": 2, "seed": 1})
@@ -75,6 +78,18 @@ def oom_archive(folder, env_archive):
     return tarball.write(folder / "oom_model.tar.gz", [(model, "oom_model")], "oom_model", compresslevel=1)
 
 
+def own_models(tmp_path_factory, env_archive):
+    """Two sd_base models as a user makes them: one from a single-file checkpoint, one with a LoRA."""
+    files = brought.write_all(tmp_path_factory.mktemp("brought"))
+    repo = copy_repository(tmp_path_factory.mktemp("own") / "model_repository")
+    style = files / "style_sd2.safetensors"
+    repository.add(repo, "my_style", "sd_base", str(style), config=str(files / "config"))
+    repository.add(
+        repo, "my_lora", "sd_base", str(files / "base"), lora=str(files / "lora" / "lora.safetensors")
+    )
+    return package.package(repo, ["my_lora", "my_style"], tmp_path_factory.mktemp("own_dist"), env_archive)
+
+
 @pytest.fixture(scope="module")
 def mme(dist, packed_env, moto_url, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
@@ -86,7 +101,8 @@ def mme(dist, packed_env, moto_url, tmp_path_factory):
         s3.upload_file(str(extra[1]), BUCKET, f"{PREFIX}/traversal.tar.gz")
         oom = oom_archive(tmp_path_factory.mktemp("oom"), packed_env[0])
         s3.upload_file(str(oom), BUCKET, f"{PREFIX}/oom_model.tar.gz")
-        upload.upload(s3, sorted(dist.glob("*.tar.gz")), BUCKET, PREFIX)
+        ours = own_models(tmp_path_factory, packed_env[0])
+        upload.upload(s3, sorted(dist.glob("*.tar.gz")) + ours, BUCKET, PREFIX)
         root = tmp_path_factory.mktemp("mme")
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
             endpoint.serve_in_background()
@@ -347,6 +363,32 @@ def test_request_over_six_megabytes_is_refused_unread(mme):
         64,
         64,
     )
+
+
+def test_own_models_are_served_side_by_side_and_listed_with_their_kinds(mme, tmp_path):
+    gen_args = json.dumps({"num_inference_steps": 2, "height": 64, "width": 64, "seed": 5})
+    targets = ("sd_base.tar.gz", "my_style.tar.gz", "my_lora.tar.gz")
+    images = {
+        t: np.asarray(invoke(mme, t, prompt="a cat", gen_args=gen_args), dtype=np.int16) for t in targets
+    }
+    assert all(image.shape == (64, 64, 3) for image in images.values())
+    for i, a in enumerate(targets):  # the same seed and prompt: each model's own weights show
+        for b in targets[i + 1 :]:
+            assert np.abs(images[a] - images[b]).mean() > 1, (a, b)
+    with urllib.request.urlopen(f"{mme.url}/models", timeout=30) as response:
+        listed = json.loads(response.read())
+    kinds = {m["target_model"]: m["kind"] for m in listed["models"]}
+    assert {t: kinds[t] for t in targets} == dict.fromkeys(targets, "sd_base")
+    assert kinds["sd_depth.tar.gz"] == "sd_depth" and kinds["corrupt.tar.gz"] == "unknown"
+    assert {m["target_model"] for m in listed["models"] if m["loaded"]} == set(listed["loaded"])
+    # The client reaches any of them by name.
+    out = tmp_path / "out"
+    argv = ["--endpoint-name", NAME, "--endpoint-url", mme.url, "--out", str(out), "txt2img", "a cat"]
+    assert (
+        cli([*argv, "--model", "my_lora", "--height", "64", "--width", "64", "--num-inference-steps", "2"])
+        == 0
+    )
+    assert Image.open(next(out.iterdir())).size == (64, 64)
 
 
 def test_concurrent_cold_loads_stay_within_the_limit(mme):

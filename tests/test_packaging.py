@@ -58,6 +58,26 @@ def test_archive_layout_and_manifest(dist, packed_env, model):
     assert not any(n.endswith(package.PICKLE_SUFFIXES) for n in names)
     assert manifest["python"] == env_manifest["python"] and manifest["model"] == model
     assert manifest["env_sha256"] == tarball.sha256(env_archive) and manifest["weights"] == "tiny"
+    assert manifest["kind"] == model
+    # The manifest comes first: the first kilobytes tell what the archive is.
+    assert names[0] == f"{model}/sdmme-archive.json"
+    with open(dist / f"{model}.tar.gz", "rb") as f:
+        assert package.read_manifest(io.BytesIO(f.read(4096))) == manifest
+
+
+def test_only_what_serving_reads_is_shipped(tiny_repository, packed_env, tmp_path):
+    """Leftovers of a build (an interrupted download's weights.partial, notes, caches) stay behind."""
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")
+    version = repository / "sd_base" / "1"
+    shutil.copytree(version / "weights", version / "weights.partial")
+    (repository / "sd_base" / "1" / "notes.txt").write_text("mine")
+    (repository / "sd_base" / "README").write_text("mine")
+    package.package(repository, ["sd_base"], tmp_path / "dist", packed_env[0])
+    with tarfile.open(tmp_path / "dist" / "sd_base.tar.gz") as tar:
+        names = tar.getnames()
+    assert not [n for n in names if "partial" in n or "notes" in n or "README" in n]
+    assert "sd_base/1/model.py" in names and "sd_base/1/weights/model_index.json" in names
 
 
 def test_packaging_twice_gives_identical_bytes(tiny_repository, packed_env, dist, tmp_path):
@@ -118,6 +138,9 @@ def _break(folder, what):
             f.write('parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "/x" } }\n')
     elif what == "no model.py":
         (folder / "1" / "model.py").unlink()
+    elif what == "no kind":
+        text = (folder / "config.pbtxt").read_text()
+        (folder / "config.pbtxt").write_text(text.replace('string_value: "sd_base"', 'string_value: "sd_xl"'))
     elif what == "no weights":
         shutil.rmtree(folder / "1" / "weights")
     elif what == "pickle":
@@ -134,6 +157,7 @@ def _break(folder, what):
         ("wrong name", 'config.pbtxt must say name: "sd_base"'),
         ("env already set", "already sets EXECUTION_ENV_PATH"),
         ("no model.py", "1/model.py is missing"),
+        ("no kind", "config.pbtxt must declare its kind, one of sd_base, .*it says 'sd_xl'"),
         ("no weights", "no weights in .*run `make weights`"),
         ("pickle", "pickled files are never shipped .*diffusion_pytorch_model.bin"),
         ("no safetensors", "holds no .safetensors files"),

@@ -5,7 +5,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from sdmme import docs
+from sdmme import docs, repository
 from sdmme.spec import MODELS, InvalidInput, Param
 
 
@@ -67,6 +67,7 @@ def test_config_inputs_match_spec():
     for name, spec in MODELS.items():
         config = (ROOT / "model_repository" / name / "config.pbtxt").read_text()
         assert re.search(rf'^name: "{name}"$', config, re.M)
+        assert repository.kind_in(config) == name  # each default model is the one of its kind
         declared = re.findall(
             r'\{ name: "(\w+)" data_type: TYPE_STRING dims: \[ 1 \]( optional: true)? \}', config
         )
