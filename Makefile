@@ -7,10 +7,10 @@ TORCH ?= torch==2.13.0
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
-TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:24.09-py3
+TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package upload mme deploy teardown iam-policy bench bench-gpu clean
+.PHONY: venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -49,7 +49,7 @@ serve-docker:
 	docker run --gpus all --rm --shm-size=1g \
 	  -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
 	  -v "$(CURDIR)":/src -w /src $(TRITON_IMAGE) \
-	  bash -c "pip install --extra-index-url https://download.pytorch.org/whl/cu121 torch==2.5.1 xformers==0.0.28.post3 '/src[runtime]' \
+	  bash -c "pip install --break-system-packages -r /src/env/serving.txt /src \
 	    && tritonserver --model-repository=/src/model_repository"
 
 demo: weights
@@ -69,17 +69,35 @@ lint: venv
 clean:
 	rm -rf out dist .pytest_cache
 
-# SageMaker MME artifacts: env/sd_env.tar.gz, dist/<model>.tar.gz, then s3://BUCKET/PREFIX/<model>.tar.gz
+# SageMaker MME artifacts: env/sd_env/, dist/<model>.tar.gz, then s3://BUCKET/PREFIX/<model>.tar.gz
 BUCKET ?=
 PREFIX ?= sd-mme/models
 ENV_BUILDER ?= auto
+# Without conda: cpu (TORCH's CPU build, this machine's Python; local serving) or gpu (env/serving.txt as
+# pinned, CUDA torch and xformers; ENV_PYTHON must be the image's Python, 3.12 for 25.04).
+ENV_FLAVOR ?= cpu
+ENV_PYTHON ?= $(PYTHON)
 
-env: env/sd_env.tar.gz
-env/sd_env.tar.gz: pyproject.toml environment.yml $(wildcard sdmme/*.py) | $(VENV)/.installed
-	$(PY) -m env --builder $(ENV_BUILDER) --torch "$(TORCH)"
+env: env/sd_env/sdmme-env.json
+env/sd_env/sdmme-env.json: pyproject.toml environment.yml env/serving.txt $(wildcard sdmme/*.py) | $(VENV)/.installed
+	$(PY) -m env --builder $(ENV_BUILDER) --flavor $(ENV_FLAVOR) --python "$(ENV_PYTHON)" --torch "$(TORCH)"
 
 package: weights env
 	$(PY) -m deploy.package
+
+# Slim archives (weights, config, model code) for an image that carries the environment (make image).
+IMAGE_ENV_PATH ?= /opt/sdmme/sd_env
+package-slim: weights env
+	$(PY) -m deploy.package --dist dist-slim --slim-env-path $(IMAGE_ENV_PATH)
+
+# SageMaker's Triton image with env/sd_env/ at IMAGE_ENV_PATH, pushed to IMAGE_URI (an ECR repository of
+# yours). Needs docker and ECR logins for AWS's registry and yours; not runnable on the dev machines.
+REGION ?= us-east-1
+image: env
+	@test -n "$(IMAGE_URI)" || (echo "usage: make image IMAGE_URI=<account>.dkr.ecr.<region>.amazonaws.com/sdmme:$(IMAGE_TAG) [REGION=$(REGION)]"; exit 2)
+	docker build -f docker/Dockerfile -t "$(IMAGE_URI)" --build-arg ENV_PATH=$(IMAGE_ENV_PATH) \
+	  --build-arg BASE=$$($(PY) -m deploy.containers --region $(REGION) --tag $(IMAGE_TAG)) .
+	docker push "$(IMAGE_URI)"
 
 upload: venv
 	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
@@ -95,18 +113,20 @@ MME_PORT ?= 8080
 MAX_MODELS ?= 4
 mme: venv
 	@test -n "$(BUCKET)" || (echo "usage: make mme BUCKET=my-bucket [PREFIX=...] [MME_PORT=8080]"; exit 2)
-	$(PY) -m deploy.mme --bucket "$(BUCKET)" --prefix "$(PREFIX)" --port $(MME_PORT) --max-models $(MAX_MODELS)
+	$(PY) -m deploy.mme --bucket "$(BUCKET)" --prefix "$(PREFIX)" --port $(MME_PORT) --max-models $(MAX_MODELS) \
+	  $(if $(MME_PYTHON),--python-version $(MME_PYTHON))
 
 # The real SageMaker endpoint (needs AWS credentials and an execution role: make iam-policy).
 ENDPOINT ?= sd-mme
 INSTANCE_TYPE ?= ml.g5.xlarge
 INSTANCE_COUNT ?= 1
-IMAGE_TAG ?= 24.09
+IMAGE_TAG ?= 25.04
 AUTOSCALE ?=
 deploy: venv
 	@test -n "$(BUCKET)" -a -n "$(ROLE_ARN)" || (echo "usage: make deploy BUCKET=... ROLE_ARN=... [PREFIX=...] [INSTANCE_TYPE=...] [AUTOSCALE='--min-instances 1 --max-instances 4']"; exit 2)
 	$(PY) -m deploy.sagemaker deploy --name $(ENDPOINT) --bucket "$(BUCKET)" --prefix "$(PREFIX)" --role-arn "$(ROLE_ARN)" \
-	  --image-tag $(IMAGE_TAG) --instance-type $(INSTANCE_TYPE) --instance-count $(INSTANCE_COUNT) $(AUTOSCALE)
+	  --image-tag $(IMAGE_TAG) --instance-type $(INSTANCE_TYPE) --instance-count $(INSTANCE_COUNT) $(AUTOSCALE) \
+	  $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)")
 
 teardown: venv
 	$(PY) -m deploy.sagemaker teardown --name $(ENDPOINT)
@@ -120,6 +140,11 @@ bench: weights
 # A machine with a CUDA GPU (and a CUDA torch: make venv TORCH=...); appends to docs/benchmarks.md.
 bench-gpu: venv
 	$(PY) -m bench.gpu
+
+# Cold start at real size, before/after/slim (GPU environment and full-size weights: about 30 GB of disk,
+# an hour on 2 cores); appends to docs/benchmarks.md.
+bench-coldstart: venv
+	$(PY) -m bench.coldstart
 
 docs: venv
 	$(PY) -m sdmme.docs

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEFAULT_TAG = "24.09"
+DEFAULT_TAG = "25.04"  # Python 3.12: diffusers 0.42 needs >= 3.11 (env/serving.txt)
 
 # First release of each Python in NGC / SageMaker Triton images (Ubuntu 20.04, 22.04, 24.04).
 _PYTHON_FROM = (("24.11", "3.12"), ("23.05", "3.10"), ("00.00", "3.8"))
@@ -40,3 +40,18 @@ def image_uri(region: str, tag: str = DEFAULT_TAG) -> str:
         )
     domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
     return f"{accounts[region]}.dkr.ecr.{region}.{domain}/{_REGISTRIES['repository']}:{tag}-py3"
+
+
+def main() -> None:
+    """Print the image URI of a tag in a region (make image builds on it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--tag", default=DEFAULT_TAG)
+    args = parser.parse_args()
+    print(image_uri(args.region, args.tag))
+
+
+if __name__ == "__main__":
+    main()

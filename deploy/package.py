@@ -3,9 +3,12 @@ serves it.
 
 Each archive holds one top-level folder named after the model: its manifest first (a reader of the
 first few kilobytes learns the model's kind without decompressing the rest), config.pbtxt (with
-EXECUTION_ENV_PATH pointing inside the model folder), 1/model.py, 1/weights/ and the packed environment
-(which carries the sdmme runtime). Nothing else in the model folder is shipped. Everything is checked
-before anything is written.
+EXECUTION_ENV_PATH pointing inside the model folder), 1/model.py, 1/weights/ and the environment as a
+directory (which carries the sdmme runtime; Triton uses it in place). Nothing else in the model folder
+is shipped. Everything is checked before anything is written.
+
+`make package-slim` leaves the environment out: slim archives run in the same environment baked into an
+image at a fixed path (docker/Dockerfile, `make image`), so a cold model reads little but its weights.
 """
 
 from __future__ import annotations
@@ -20,21 +23,30 @@ from pathlib import Path
 from typing import IO, Dict, List, Optional
 
 from deploy import tarball
-from env import contract
-from env.build import OUTPUT as ENV_ARCHIVE
+from env import contract, trim
+from env.build import OUTPUT as ENV_DIR
 from env.build import verified_manifest
 from sdmme import repository
 from sdmme.spec import MODELS
 
-ENV_NAME = "sd_env.tar.gz"
+ENV_NAME = "sd_env"  # a directory: Triton uses it in place, so SageMaker's extraction is the only one
 MANIFEST = "sdmme-archive.json"
-ENV_PARAMETER = f"""
-# Added by `make package`: each archive runs in the environment it carries.
+BUNDLED = f"$$TRITON_MODEL_DIRECTORY/{ENV_NAME}"  # the environment the archive carries
+# Slim archives (`make package-slim`): the environment is baked into the image there (docker/Dockerfile).
+IMAGE_ENV_PATH = "/opt/sdmme/sd_env"
+
+
+def env_parameter(env_path: str) -> str:
+    why = "runs in the environment it carries" if env_path == BUNDLED else "runs in the image's environment"
+    return f"""
+# Added by `make package`: this archive {why}.
 parameters: {{
   key: "EXECUTION_ENV_PATH"
-  value: {{ string_value: "$$TRITON_MODEL_DIRECTORY/{ENV_NAME}" }}
+  value: {{ string_value: "{env_path}" }}
 }}
 """
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -78,13 +90,14 @@ def check_model(folder: Path) -> Dict:
     return {"model": name, "kind": kind, "weights": source.get("source", "unknown")}
 
 
-def members(folder: Path, staging: Path, env_archive: Path) -> List:
+def members(folder: Path, staging: Path, env_dir: Path, env_path: str = BUNDLED) -> List:
     """What goes into the archive, in the archive's layout: what serving reads, nothing a build left."""
     name = folder.name
     config = staging / "config.pbtxt"
-    config.write_text((folder / "config.pbtxt").read_text().rstrip("\n") + "\n" + ENV_PARAMETER)
+    config.write_text((folder / "config.pbtxt").read_text().rstrip("\n") + "\n" + env_parameter(env_path))
     files = [(config, f"{name}/config.pbtxt"), (staging / MANIFEST, f"{name}/{MANIFEST}")]
-    files.append((env_archive, f"{name}/{ENV_NAME}"))
+    if env_path == BUNDLED:
+        files.append((env_dir, f"{name}/{ENV_NAME}"))
     files.append((folder / "1" / "model.py", f"{name}/1/model.py"))
     for path in sorted((folder / "1" / "weights").rglob("*")):
         relative = path.relative_to(folder)
@@ -107,12 +120,17 @@ def read_manifest(stream: IO[bytes]) -> Optional[Dict]:
         return None
 
 
-def package(repository: Path, models: List[str], dist: Path, env_archive: Path = ENV_ARCHIVE) -> List[Path]:
+def package(
+    repository: Path, models: List[str], dist: Path, env_dir: Path = ENV_DIR, env_path: str = BUNDLED
+) -> List[Path]:
+    """Self-contained archives, or with `env_path` slim ones that run in the environment at that path
+    (the same environment, baked into the serving image)."""
     infos = [check_model(repository / model) for model in models]  # every check before any write
     try:
-        env_manifest = verified_manifest(env_archive)
+        env_manifest = verified_manifest(env_dir)
     except contract.ContractError as e:
-        raise PackageError(f"environment {env_archive}: {e}") from None
+        raise PackageError(f"environment {env_dir}: {e}") from None
+    print(trim.report(env_dir), file=sys.stderr)
     written = []
     for info in infos:
         folder = repository / info["model"]
@@ -122,16 +140,17 @@ def package(repository: Path, models: List[str], dist: Path, env_archive: Path =
                 **info,
                 "python": env_manifest["python"],
                 "env_builder": env_manifest["builder"],
-                "env_sha256": tarball.sha256(env_archive),
+                "env_path": "bundled" if env_path == BUNDLED else env_path,
+                "env_sha256": env_manifest["tree_sha256"],
                 "sdmme": env_manifest["sdmme"],
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             dest = dist / f"{info['model']}.tar.gz"
             print(f"packing {dest}", file=sys.stderr, flush=True)
-            # The environment is already compressed: a light level saves minutes and little space.
+            # Mostly binaries already dense: a light level saves minutes and costs little space.
             tarball.write(
                 dest,
-                members(folder, staging, env_archive),
+                members(folder, staging, env_dir, env_path),
                 f"packing {dest.name}",
                 compresslevel=1,
                 first=f"{info['model']}/{MANIFEST}",
@@ -149,14 +168,20 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--models", nargs="+", help="default: every model in the repository")
     parser.add_argument("--dist", type=Path, default=Path("dist"))
-    parser.add_argument("--env", type=Path, default=ENV_ARCHIVE, help="packed environment (make env)")
+    parser.add_argument("--env", type=Path, default=ENV_DIR, help="the environment (make env)")
+    parser.add_argument(
+        "--slim-env-path",
+        help=f"slim archives without the environment, run in the one at this path in the image "
+        f"(make image puts it at {IMAGE_ENV_PATH})",
+    )
     args = parser.parse_args()
     try:
         found = repository.models(args.repository)
         unknown = sorted(set(args.models or []) - set(found))
         if unknown:
             raise PackageError(f"no such model in {args.repository}: {', '.join(unknown)}")
-        package(args.repository, args.models or sorted(found), args.dist, args.env)
+        env_path = args.slim_env_path or BUNDLED
+        package(args.repository, args.models or sorted(found), args.dist, args.env, env_path)
     except PackageError as e:
         raise SystemExit(f"make package: {e}") from None
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import boto3
 
 from deploy import containers
-from deploy.upload import PYTHON_KEY
+from deploy.upload import ENV_KEY, PYTHON_KEY
 
 VARIANT = "AllTraffic"
 TAG = "sdmme-endpoint"  # on every model, configuration and endpoint deploy creates: the endpoint name
@@ -47,6 +47,7 @@ class Settings:
     min_instances: Optional[int] = None  # autoscaling when both are set
     max_instances: Optional[int] = None
     invocations_per_instance: float = 20.0  # target-tracking target, per instance per minute
+    image_uri: Optional[str] = None  # an image of `make image` (slim archives); default SageMaker's own
 
     @property
     def model_data_url(self) -> str:
@@ -71,11 +72,21 @@ def check_archives(s3, settings: Settings) -> List[str]:
         raise DeployError(
             f"no model archives under {settings.model_data_url}: run `make package upload` first"
         )
-    problems = []
+    problems, slim = [], []
     for key in keys:
-        python = s3.head_object(Bucket=settings.bucket, Key=key)["Metadata"].get(PYTHON_KEY)
+        metadata = s3.head_object(Bucket=settings.bucket, Key=key)["Metadata"]
+        python = metadata.get(PYTHON_KEY)
         if python != wanted:
             problems.append(f"{key}: environment Python {python or 'unknown (not uploaded by make upload)'}")
+        if metadata.get(ENV_KEY, "bundled") != "bundled":
+            slim.append(f"{key} (environment at {metadata[ENV_KEY]})")
+    if slim and not settings.image_uri:
+        raise DeployError(
+            "slim archives run in an environment baked into the image, but no image was given:\n  "
+            + "\n  ".join(slim)
+            + "\nFix: `make image IMAGE_URI=...` (docker/Dockerfile), then `make deploy IMAGE_URI=...`; or "
+            "`make package upload` self-contained archives."
+        )
     if problems:
         raise DeployError(
             f"sagemaker-tritonserver:{settings.image_tag}-py3 runs Python {wanted}, but:\n  "
@@ -113,7 +124,7 @@ def deploy(settings: Settings, session: Optional[boto3.Session] = None, poll: fl
     say(f"{len(models)} archive(s) under {settings.model_data_url}: {', '.join(models)}")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     model_name = config_name = f"{settings.name}-{stamp}"
-    image = containers.image_uri(settings.region, settings.image_tag)
+    image = settings.image_uri or containers.image_uri(settings.region, settings.image_tag)
     sm.create_model(
         ModelName=model_name,
         ExecutionRoleArn=settings.role_arn,
@@ -336,6 +347,7 @@ def main() -> None:
     up.add_argument("--prefix", default="sd-mme/models")
     up.add_argument("--role-arn", required=True, help="execution role (see `iam-policy` for its permissions)")
     up.add_argument("--image-tag", default=containers.DEFAULT_TAG)
+    up.add_argument("--image-uri", help="an image of `make image` (needed by slim archives)")
     up.add_argument("--instance-type", default="ml.g5.xlarge")
     up.add_argument("--instance-count", type=int, default=1)
     up.add_argument("--min-instances", type=int)
@@ -363,6 +375,7 @@ def main() -> None:
                 args.min_instances,
                 args.max_instances,
                 args.invocations_per_instance,
+                args.image_uri,
             )
             print(json.dumps(deploy(settings), indent=1))
         elif args.command == "teardown":

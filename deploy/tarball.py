@@ -22,6 +22,24 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tree_sha256(root: Path) -> str:
+    """A digest of a directory as an archive would hold it: paths, kinds, executable bits, contents and
+    link targets (not times or owners)."""
+    digest = hashlib.sha256()
+    for path, name in _entries(root, "."):
+        info = os.lstat(path)
+        if os.path.islink(path):
+            digest.update(f"L {name} {os.readlink(path)}\n".encode())
+        elif path.is_dir():
+            digest.update(f"D {name}\n".encode())
+        else:
+            digest.update(f"F {name} {bool(info.st_mode & 0o111)} {info.st_size}\n".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(CHUNK), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def _entries(root: Path, arcname: str) -> Iterable[Tuple[Path, str]]:
     yield root, arcname
     for dirpath, dirnames, filenames in os.walk(root):

@@ -25,6 +25,7 @@ from deploy.package import MANIFEST, read_manifest
 
 SHA_KEY = "sha256"  # x-amz-meta-sha256
 PYTHON_KEY = "python"  # x-amz-meta-python: the archive's env Python, checked by deploy
+ENV_KEY = "env"  # x-amz-meta-env: "bundled", or the image path a slim archive's environment must be at
 
 
 def s3_client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
@@ -96,7 +97,12 @@ def upload(
             print(f"s3://{bucket}/{key}: unchanged (sha256 {digest[:16]}), skipped", file=sys.stderr)
             outcome[key] = "unchanged"
             continue
-        metadata = {SHA_KEY: digest, PYTHON_KEY: archive_manifest(path)["python"]}
+        manifest = archive_manifest(path)
+        metadata = {
+            SHA_KEY: digest,
+            PYTHON_KEY: manifest["python"],
+            ENV_KEY: manifest.get("env_path", "bundled"),
+        }
         size = path.stat().st_size
         with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr) as bar:
 

@@ -1,9 +1,13 @@
-"""`make env`: build the environment every model archive carries, pack it, and check its contract.
+"""`make env`: build the environment every model archive carries (a directory, `env/sd_env/`), make it
+lean and reproducible, and check its contract.
 
 - With conda: `conda env create` from environment.yml (CUDA torch, xformers; the Python of the SageMaker
   image), then conda-pack. The production path.
-- Without conda (dev machines, CI): a self-contained copy of this CPython with the CPU dependencies and a
-  relocatable `bin/activate`. It serves on the local tritonserver and the local MME.
+- Without conda: a self-contained copy of a CPython (this one, or `--python`) with a relocatable
+  `bin/activate` and the pinned serving stack (env/serving.txt). Flavor `cpu` (dev machines, CI) swaps
+  torch for a CPU build and leaves out xformers; it serves on the local tritonserver and the local MME.
+  Flavor `gpu` installs the pins as they are (PyPI's CUDA torch imports on a machine without a GPU): the
+  production environment, built with the image's Python.
 """
 
 from __future__ import annotations
@@ -11,18 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 from deploy import containers, tarball
-from env import contract
+from env import contract, trim
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTPUT = ROOT / "env" / "sd_env.tar.gz"
+OUTPUT = ROOT / "env" / "sd_env"
 WORK = ROOT / "env" / "build"
 
 # Relocatable: PATH and the libpython location come from where this file is, not where it was built.
@@ -46,19 +50,47 @@ def run(cmd: list, **kwargs) -> None:
     subprocess.run(cmd, check=True, **kwargs)
 
 
-def relocatable(dest: Path, torch: str) -> str:
-    """Copy this CPython (no site-packages), add pip, install the CPU runtime into it."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    prefix = Path(sys.base_prefix)
-    libdir = Path(sysconfig.get_config_var("LIBDIR"))
-    libpython = libdir / f"libpython{version}.so.1.0"
+PINS = ROOT / "env" / "serving.txt"
+GPU_ONLY = ("torch", "xformers")  # the cpu flavor takes TORCH's build instead, and no xformers
+_DESCRIBE = (
+    "import json, sys, sysconfig; print(json.dumps({'version': '%d.%d' % sys.version_info[:2], "
+    "'prefix': sys.base_prefix, 'executable': sys.executable, 'libdir': sysconfig.get_config_var('LIBDIR')}))"
+)
+
+
+def pins() -> dict:
+    """env/serving.txt as {package: requirement line}."""
+    found = {}
+    for line in PINS.read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if requirement:
+            found[re.split(r"[=<>!~\[ ]", requirement)[0].lower()] = requirement
+    return found
+
+
+def requirements(flavor: str, torch: str) -> list:
+    """What the no-conda builder installs: the pins, with TORCH instead of the GPU-only ones for cpu."""
+    pinned = pins()
+    if flavor == "gpu":
+        return list(pinned.values())
+    return [torch] + [line for name, line in pinned.items() if name not in GPU_ONLY]
+
+
+def relocatable(dest: Path, interpreter: str, packages: list) -> str:
+    """Copy a CPython (no site-packages), add pip, install `packages` and this runtime into it."""
+    described = subprocess.run(
+        [interpreter, "-c", _DESCRIBE], check=True, capture_output=True, text=True, env=_clean_env()
+    )
+    info = json.loads(described.stdout)
+    version, prefix = info["version"], Path(info["prefix"])
+    libpython = Path(info["libdir"]) / f"libpython{version}.so.1.0"
     if not libpython.exists():
         raise contract.ContractError(
             f"{libpython} is missing: this Python was built without --enable-shared; "
             "use a shared-library build (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared) or conda"
         )
     (dest / "bin").mkdir(parents=True)
-    shutil.copy2(Path(sys.executable).resolve(), dest / "bin" / f"python{version}")
+    shutil.copy2(Path(info["executable"]).resolve(), dest / "bin" / f"python{version}")
     for alias in ("python3", "python"):
         (dest / "bin" / alias).symlink_to(f"python{version}")
     (dest / "lib").mkdir()
@@ -70,7 +102,11 @@ def relocatable(dest: Path, torch: str) -> str:
     env = {**_clean_env(), "LD_LIBRARY_PATH": str(dest / "lib")}
     python = str(dest / "bin" / "python3")
     run([python, "-m", "ensurepip", "--default-pip"], env=env)
-    run([python, "-m", "pip", "install", "--no-warn-script-location", torch, f"{ROOT}[runtime]"], env=env)
+    # No bytecode here: it is compiled once, reproducibly, after trimming (env/trim.py).
+    run(
+        [python, "-m", "pip", "install", "--no-compile", "--no-warn-script-location", *packages, str(ROOT)],
+        env=env,
+    )
     return version
 
 
@@ -90,62 +126,91 @@ def with_conda(dest: Path, conda: str) -> str:
 
 
 def conda_pack(prefix: Path, output: Path) -> None:
-    """conda-pack writes a relocatable bin/activate (it rewrites prefixes on activation)."""
+    """conda-pack writes a relocatable copy (its bin/activate finds the environment where it is)."""
     pack = shutil.which("conda-pack")
     if not pack:
         raise SystemExit("conda-pack is not installed: conda install -n base -c conda-forge conda-pack")
-    run([pack, "--prefix", str(prefix), "--output", str(output), "--force", "--ignore-editable-packages"])
+    run(
+        [
+            pack,
+            "--prefix",
+            str(prefix),
+            "--output",
+            str(output),
+            "--format",
+            "no-archive",
+            "--force",
+            "--ignore-editable-packages",
+        ]
+    )
 
 
-def build(builder: str, torch: str) -> Path:
+def build(
+    builder: str,
+    torch: str,
+    flavor: str = "cpu",
+    interpreter: str = sys.executable,
+    output: Path = OUTPUT,
+    work: Path = WORK,
+) -> Path:
     start = time.monotonic()
     conda = shutil.which("conda")
     if builder == "conda" and not conda:
         raise SystemExit("conda is not installed: use --builder relocatable, or install Miniforge")
     builder = builder if builder != "auto" else ("conda" if conda else "relocatable")
-    shutil.rmtree(WORK, ignore_errors=True)
-    prefix = WORK / "sd_env"
+    shutil.rmtree(work, ignore_errors=True)
+    prefix = work / "sd_env"
     print(f"building the environment with the {builder} builder in {prefix}", file=sys.stderr)
-    version = with_conda(prefix, conda) if builder == "conda" else relocatable(prefix, torch)
-    manifest = {"python": version, "builder": builder, "sdmme": _version()}
-    (prefix / contract.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if builder == "conda":
-        conda_pack(prefix, OUTPUT)
+        version = with_conda(work / "conda", conda)
+        conda_pack(work / "conda", prefix)
     else:
-        tarball.write(
-            OUTPUT, [(prefix / p.name, p.name) for p in sorted(prefix.iterdir())], "packing environment"
-        )
+        version = relocatable(prefix, interpreter, requirements(flavor, torch))
+    manifest = {"python": version, "builder": builder, "sdmme": _version()}
+    if builder != "conda":
+        manifest["flavor"] = flavor
+    (prefix / contract.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    removed = trim.trim(prefix)
     print(
-        f"packed {OUTPUT} ({OUTPUT.stat().st_size / 1e6:,.0f} MB) in {time.monotonic() - start:.0f}s",
+        "trimmed what serving never uses: "
+        + ", ".join(f"{kind} {size / 1e6:,.0f} MB" for kind, size in sorted(removed.items())),
         file=sys.stderr,
     )
-    verified_manifest(OUTPUT, recheck=True)
-    shutil.rmtree(WORK, ignore_errors=True)
+    env = {**_clean_env(), "LD_LIBRARY_PATH": str(prefix / "lib")}
+    trim.compile_bytecode(prefix, str(prefix / "bin" / "python3"), env)
+    shutil.rmtree(output, ignore_errors=True)
+    output.with_name(output.name + ".verified").unlink(missing_ok=True)
+    prefix.rename(output)  # checked where it is used, not where it was built
+    shutil.rmtree(work, ignore_errors=True)
+    print(trim.report(output), file=sys.stderr)
+    print(f"built {output} in {time.monotonic() - start:.0f}s", file=sys.stderr)
+    verified_manifest(output, recheck=True)
     image_python = containers.python_for(containers.DEFAULT_TAG)
     if version != image_python:
         print(
             f"note: this environment runs Python {version}; SageMaker's sagemaker-tritonserver:"
             f"{containers.DEFAULT_TAG}-py3 runs {image_python}. It serves locally (tritonserver, local MME); "
-            "for SageMaker build it with conda from environment.yml.",
+            f"for SageMaker build it with conda, or with ENV_FLAVOR=gpu ENV_PYTHON=python{image_python}.",
             file=sys.stderr,
         )
-    return OUTPUT
+    return output
 
 
-def verified_manifest(archive: Path = OUTPUT, recheck: bool = False) -> dict:
-    """The manifest of an archive whose contract holds, checked with the build environment hidden.
+def verified_manifest(env_dir: Path = OUTPUT, recheck: bool = False) -> dict:
+    """The manifest of an environment whose contract holds (with its digest, `tree_sha256`), checked with
+    the build environment hidden.
 
-    The full check (extract, import) runs again only when the archive changed since it last passed.
+    The full check (imports) runs again only when the environment changed since it last passed.
     """
-    if not archive.exists():
-        raise contract.ContractError(f"{archive} is missing: run `make env` first")
-    stamp = archive.with_name(archive.name + ".verified")
-    digest = tarball.sha256(archive)
+    if not env_dir.is_dir():
+        raise contract.ContractError(f"{env_dir} is missing: run `make env` first")
+    stamp = env_dir.with_name(env_dir.name + ".verified")
+    digest = tarball.tree_sha256(env_dir)
     if not recheck and stamp.exists() and stamp.read_text() == digest:
-        return contract.read_manifest(archive)
-    manifest = contract.verify(archive, hide=[Path(sys.base_prefix), Path(sys.prefix), ROOT])
+        return {**contract.read_manifest(env_dir), "tree_sha256": digest}
+    manifest = contract.verify(env_dir, hide=[Path(sys.base_prefix), Path(sys.prefix), ROOT])
     stamp.write_text(digest)
-    return manifest
+    return {**manifest, "tree_sha256": digest}
 
 
 def _version() -> str:
@@ -165,13 +230,18 @@ def main() -> None:
         help="auto: conda when installed, else relocatable",
     )
     parser.add_argument(
-        "--torch", default="torch==2.13.0", help="torch requirement for the relocatable builder"
+        "--flavor",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="relocatable builder: cpu (TORCH, no xformers) or gpu (env/serving.txt as pinned)",
     )
+    parser.add_argument("--python", default=sys.executable, help="relocatable builder: the CPython to copy")
+    parser.add_argument("--torch", default="torch==2.13.0", help="torch requirement for the cpu flavor")
     args = parser.parse_args()
     try:
-        build(args.builder, args.torch)
+        build(args.builder, args.torch, args.flavor, args.python)
     except contract.ContractError as e:
-        OUTPUT.unlink(missing_ok=True)
+        shutil.rmtree(OUTPUT, ignore_errors=True)
         raise SystemExit(f"make env: {e}") from None
 
 

@@ -1,9 +1,10 @@
-"""What every packed environment must satisfy, whichever way it was built.
+"""What every serving environment must satisfy, whichever way it was built.
 
-- `bin/activate` works from any path (the archive is extracted wherever Triton chooses);
+- `bin/activate` works from any path (archives are extracted wherever SageMaker chooses);
 - `lib/libpython3.X.so.1.0` is present (the backend stub embeds it);
 - `sdmme-env.json` records the Python version (deploy compares it with the image's);
-- the runtime imports from an extracted copy, with the build environment out of reach.
+- the runtime imports from it at another path than it was built at, with the build environment out of
+  reach.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, List, Optional, Tuple
 
 MANIFEST = "sdmme-env.json"
 RUNTIME_IMPORTS = (
@@ -42,45 +42,49 @@ class ContractError(Exception):
     """The environment would not serve: the message says what is wrong and what to change."""
 
 
-def read_manifest(archive: Path) -> Dict:
-    with tarfile.open(archive) as tar:
-        names = set(tar.getnames())
-        check_layout(names)
-        return json.load(tar.extractfile(MANIFEST))
+def read_manifest(env_dir: Path) -> Dict:
+    check_layout(env_dir)
+    return json.loads((env_dir / MANIFEST).read_text())
 
 
-def check_layout(names: Iterable[str]) -> None:
-    names = {n[2:] if n.startswith("./") else n for n in names}
-    if "bin/activate" not in names:
+def check_layout(env_dir: Path) -> None:
+    if not (env_dir / "bin" / "activate").is_file():
         raise ContractError(
             "environment has no bin/activate: Triton sources it to enter the environment; "
             "build it with `make env` (conda-pack or the relocatable builder)"
         )
-    if MANIFEST not in names:
+    if not (env_dir / MANIFEST).is_file():
         raise ContractError(
             f"environment has no {MANIFEST} recording its Python version; rebuild it with `make env`"
         )
-    if not any(n.startswith("lib/libpython3.") and n.endswith(".so.1.0") for n in names):
+    if not list(env_dir.glob("lib/libpython3.*.so.1.0")):
         raise ContractError(
             "environment has no lib/libpython3.X.so.1.0, which the Python backend stub embeds; "
             "build Python with --enable-shared (conda's python has it)"
         )
 
 
-def hiding(paths: List[Path]) -> List[str]:
-    """A command prefix that mounts empty tmpfs over `paths` in a private mount namespace, when allowed."""
+def hiding(paths: List[Path], show: Optional[Tuple[Path, Path]] = None) -> List[str]:
+    """A command prefix that mounts empty tmpfs over `paths` in a private mount namespace, when allowed;
+    `show` = (source, target) first bind-mounts source at target, so it stays reachable there."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return []
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         return []
     dirs = {p.resolve() for p in paths if p.is_dir()}
     outermost = sorted(p for p in dirs if not any(p != q and p.is_relative_to(q) for q in dirs))
-    mounts = " && ".join(f"mount -t tmpfs none '{p}'" for p in outermost)
-    return ["unshare", "-m", "bash", "-c", f'{mounts} && exec "$@"', "hide"] if mounts else []
+    mounts = [f"mount -t tmpfs none '{p}'" for p in outermost]
+    if show:
+        mounts.insert(0, f"mount --bind '{show[0]}' '{show[1]}'")
+    return ["unshare", "-m", "bash", "-c", f'{" && ".join(mounts)} && exec "$@"', "hide"] if mounts else []
 
 
-def check_imports(env_dir: Path, hide: List[Path]) -> Dict:
-    """Source bin/activate from `env_dir` in a clean environment and import the runtime there."""
+def check_imports(env_dir: Path, hide: List[Path], seen_at: Optional[Path] = None) -> Dict:
+    """Source bin/activate from `env_dir` (seen at `seen_at`, a bind mount, when hiding is possible) in a
+    clean environment and import the runtime there."""
+    hidden = hiding(hide, (env_dir, seen_at) if seen_at else None)
+    if hidden and seen_at:
+        env_dir = seen_at
     command = [
         "bash",
         "-c",
@@ -91,7 +95,6 @@ def check_imports(env_dir: Path, hide: List[Path]) -> Dict:
         *RUNTIME_IMPORTS,
     ]
     clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
-    hidden = hiding(hide)
     result = subprocess.run(hidden + command, env=clean, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise ContractError(
@@ -114,15 +117,13 @@ def check_imports(env_dir: Path, hide: List[Path]) -> Dict:
     return probe
 
 
-def verify(archive: Path, hide: List[Path]) -> Dict:
-    """The whole contract on a packed archive: layout, manifest, and imports from an extracted copy."""
-    manifest = read_manifest(archive)
+def verify(env_dir: Path, hide: List[Path]) -> Dict:
+    """The whole contract on an environment directory: layout, manifest, and imports from elsewhere."""
+    manifest = read_manifest(env_dir)
     with tempfile.TemporaryDirectory(prefix="sdmme-env-check-") as tmp:
         where = Path(tmp) / "somewhere" / "else"
         where.mkdir(parents=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(where, filter="tar")
-        probe = check_imports(where, hide)
+        probe = check_imports(env_dir, hide, seen_at=where)
     if probe["version"] != manifest["python"]:
         raise ContractError(
             f"manifest says Python {manifest['python']} but the environment runs {probe['version']}"
@@ -131,8 +132,7 @@ def verify(archive: Path, hide: List[Path]) -> Dict:
         "build environment hidden" if probe["build_env_hidden"] else "build environment visible: not root"
     )
     print(
-        f"environment contract holds: Python {probe['version']}, "
-        f"runtime imports from an extracted copy ({hidden})",
+        f"environment contract holds: Python {probe['version']}, runtime imports ({hidden})",
         file=sys.stderr,
     )
     return manifest

@@ -140,7 +140,7 @@ def download(
     pipeline = getattr(diffusers, MODELS[model].pipeline).from_pretrained(
         resolved.location,
         revision=resolved.revision,
-        torch_dtype=torch.float16,
+        dtype=torch.float16,
         variant=resolved.variant,
         use_safetensors=True,
     )

@@ -47,8 +47,8 @@ def server(tiny_repository, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def packed_env():
-    """env/sd_env.tar.gz from `make env`, built here (relocatable, a few minutes) when missing."""
-    if not build.OUTPUT.exists():
+    """env/sd_env/ from `make env`, built here (relocatable, cpu; a few minutes) when missing."""
+    if not (build.OUTPUT / "sdmme-env.json").exists():
         build.build("relocatable", "torch==2.13.0")
     return build.OUTPUT, build.verified_manifest(build.OUTPUT)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 from deploy import containers, sagemaker
-from deploy.upload import PYTHON_KEY, SHA_KEY
+from deploy.upload import ENV_KEY, PYTHON_KEY, SHA_KEY
 
 BUCKET, PREFIX, ROLE = "deploy-models", "sd/v2", "arn:aws:iam::123456789012:role/sd-mme"
 # moto's SageMaker API refuses ml.g5.* (the real default); any type it knows exercises the same calls.
@@ -51,7 +51,7 @@ def test_image_table():
     assert containers.python_for("24.09") == "3.10" and containers.python_for("24.11") == "3.12"
     assert containers.python_for("23.02") == "3.8" and containers.python_for("25.04") == "3.12"
     assert containers.image_uri("eu-west-1") == (
-        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/sagemaker-tritonserver:24.09-py3"
+        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/sagemaker-tritonserver:25.04-py3"
     )
     # regions whose registry is not the deep-learning-containers account, and the China partition
     assert containers.image_uri("af-south-1").startswith("626614931356.dkr.ecr.af-south-1.amazonaws.com/")
@@ -75,7 +75,7 @@ def test_deploy_update_autoscale_and_teardown(archives, capsys):
     )
     container = sm.describe_model(ModelName=first["model"])["PrimaryContainer"]
     assert container["Mode"] == "MultiModel" and container["ModelDataUrl"] == f"s3://{BUCKET}/{PREFIX}/"
-    assert container["Image"].endswith("sagemaker-tritonserver:24.09-py3")
+    assert container["Image"].endswith("sagemaker-tritonserver:25.04-py3")
     assert container["Environment"]["SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE"] == "16777216"
 
     time.sleep(1.1)  # a new timestamped name for the new configuration
@@ -106,6 +106,24 @@ def test_deploy_update_autoscale_and_teardown(archives, capsys):
     assert not aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
 
 
+def test_slim_archives_need_the_image_that_carries_their_environment(archives):
+    python = containers.python_for(containers.DEFAULT_TAG)
+    archives.put_object(
+        Bucket=BUCKET,
+        Key=f"{PREFIX}/my_style.tar.gz",
+        Body=b"x",
+        Metadata={SHA_KEY: "1", PYTHON_KEY: python, ENV_KEY: "/opt/sdmme/sd_env"},
+    )
+    with pytest.raises(sagemaker.DeployError, match="(?s)no image was given.*my_style.tar.gz .*make image"):
+        sagemaker.deploy(settings(), poll=0)
+    assert not boto3.client("sagemaker").list_models()["Models"]  # nothing was created
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sdmme:25.04"
+    created = sagemaker.deploy(settings(image_uri=image), poll=0)
+    container = boto3.client("sagemaker").describe_model(ModelName=created["model"])["PrimaryContainer"]
+    assert container["Image"] == image
+    sagemaker.teardown("sd-test", "us-east-1")
+
+
 def test_deploy_refuses_archives_with_another_python(archives):
     archives.put_object(
         Bucket=BUCKET, Key=f"{PREFIX}/sd_upscale.tar.gz", Body=b"x", Metadata={PYTHON_KEY: "3.11"}
@@ -113,7 +131,7 @@ def test_deploy_refuses_archives_with_another_python(archives):
     with pytest.raises(sagemaker.DeployError) as e:
         sagemaker.deploy(settings(), poll=0)
     message = str(e.value)
-    assert "runs Python 3.10" in message and "sd_upscale.tar.gz: environment Python 3.11" in message
+    assert "runs Python 3.12" in message and "sd_upscale.tar.gz: environment Python 3.11" in message
     assert "Fix:" in message
     assert not boto3.client("sagemaker").list_models()["Models"]  # nothing was created
 

@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
 import tarfile
 import time
@@ -48,7 +47,7 @@ backend: "python"
 max_batch_size: 8
 input [ { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] } ]
 output [ { name: "generated_image" data_type: TYPE_STRING dims: [ -1 ] } ]
-parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "$$TRITON_MODEL_DIRECTORY/sd_env.tar.gz" } }
+parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "$$TRITON_MODEL_DIRECTORY/sd_env" } }
 """
 # Runs out of memory on its first load only, as a model does when the GPU is full of other models.
 OOM_MODEL = """import os
@@ -69,16 +68,16 @@ class TritonPythonModel:
 """
 
 
-def oom_archive(folder, env_archive):
+def oom_archive(folder, env_dir):
     model = folder / "oom_model"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(OOM_CONFIG)
     (model / "1" / "model.py").write_text(OOM_MODEL)
-    shutil.copy(env_archive, model / "sd_env.tar.gz")
-    return tarball.write(folder / "oom_model.tar.gz", [(model, "oom_model")], "oom_model", compresslevel=1)
+    members = [(model, "oom_model"), (env_dir, "oom_model/sd_env")]
+    return tarball.write(folder / "oom_model.tar.gz", members, "oom_model", compresslevel=1)
 
 
-def own_models(tmp_path_factory, env_archive):
+def own_models(tmp_path_factory, env_dir):
     """Two sd_base models as a user makes them: one from a single-file checkpoint, one with a LoRA."""
     files = brought.write_all(tmp_path_factory.mktemp("brought"))
     repo = copy_repository(tmp_path_factory.mktemp("own") / "model_repository")
@@ -87,11 +86,11 @@ def own_models(tmp_path_factory, env_archive):
     repository.add(
         repo, "my_lora", "sd_base", str(files / "base"), lora=str(files / "lora" / "lora.safetensors")
     )
-    return package.package(repo, ["my_lora", "my_style"], tmp_path_factory.mktemp("own_dist"), env_archive)
+    return package.package(repo, ["my_lora", "my_style"], tmp_path_factory.mktemp("own_dist"), env_dir)
 
 
 @pytest.fixture(scope="module")
-def mme(dist, packed_env, moto_url, tmp_path_factory):
+def mme(dist, packed_env, tiny_repository, moto_url, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         point_aws_at(moto_url, patch)
         s3 = boto3.client("s3")
@@ -103,6 +102,15 @@ def mme(dist, packed_env, moto_url, tmp_path_factory):
         s3.upload_file(str(oom), BUCKET, f"{PREFIX}/oom_model.tar.gz")
         ours = own_models(tmp_path_factory, packed_env[0])
         upload.upload(s3, sorted(dist.glob("*.tar.gz")) + ours, BUCKET, PREFIX)
+        # A slim archive: its environment is where an image of `make image` has it; here, env/sd_env/.
+        slim = package.package(
+            tiny_repository,
+            ["sd_upscale"],
+            tmp_path_factory.mktemp("slim"),
+            packed_env[0],
+            str(packed_env[0]),
+        )
+        upload.upload(s3, slim, BUCKET, f"{PREFIX}/slim")
         root = tmp_path_factory.mktemp("mme")
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
             endpoint.serve_in_background()
@@ -389,6 +397,11 @@ def test_own_models_are_served_side_by_side_and_listed_with_their_kinds(mme, tmp
         == 0
     )
     assert Image.open(next(out.iterdir())).size == (64, 64)
+
+
+def test_a_slim_archive_serves_from_the_environment_at_its_fixed_path(mme):
+    image = b64(picture(32, 32))
+    assert invoke(mme, "slim/sd_upscale.tar.gz", prompt="a", image=image, gen_args=FAST).size == (128, 128)
 
 
 def test_concurrent_cold_loads_stay_within_the_limit(mme):

@@ -13,7 +13,7 @@ from conftest import ROOT, post, sample_payload
 
 from deploy import package, tarball
 from deploy.tritonserver import TritonServer
-from env import contract
+from env import build, contract
 from sdmme.spec import MODELS
 
 
@@ -25,6 +25,7 @@ def test_extracted_archive_serves_from_its_own_environment(dist, packed_env, tmp
     # The server runs from a copy outside this venv, with a bare PATH; where allowed, the Python that
     # built everything (interpreter, venv, repository) is hidden behind empty mounts.
     wrap = contract.hiding([ROOT, Path(sys.prefix), Path(sys.base_prefix)])
+    unpacked = set(Path("/tmp").glob("python_env_*"))  # where Triton extracts environment archives
     with TritonServer(models, isolated=True, wrap=wrap, python_version=packed_env[1]["python"]) as server:
         status, body = post(
             server,
@@ -36,8 +37,10 @@ def test_extracted_archive_serves_from_its_own_environment(dist, packed_env, tmp
         log = server.log_tail(200_000)
     assert status == 200, body
     assert body["outputs"][0]["shape"] == [1, 1]
-    # With a bare PATH the only Python that has torch is the archive's (its env is extracted by Triton).
+    # With a bare PATH the only Python that has torch is the archive's, used in place: the extraction
+    # of the archive was the only one.
     assert "sd_base: loaded StableDiffusionPipeline" in log
+    assert set(Path("/tmp").glob("python_env_*")) == unpacked
     if os.geteuid() == 0 and shutil.which("unshare"):
         assert wrap, "as root the build environment must be hidden for this proof"
 
@@ -52,12 +55,12 @@ def test_archive_layout_and_manifest(dist, packed_env, model):
         manifest = json.load(tar.extractfile(f"{model}/sdmme-archive.json"))
         assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
     assert f'name: "{model}"' in config
-    assert 'string_value: "$$TRITON_MODEL_DIRECTORY/sd_env.tar.gz"' in config
-    assert f"{model}/1/model.py" in names and f"{model}/sd_env.tar.gz" in names
+    assert 'string_value: "$$TRITON_MODEL_DIRECTORY/sd_env"' in config
+    assert f"{model}/1/model.py" in names and f"{model}/sd_env/bin/activate" in names
     assert any(n.endswith(".safetensors") for n in names)
     assert not any(n.endswith(package.PICKLE_SUFFIXES) for n in names)
     assert manifest["python"] == env_manifest["python"] and manifest["model"] == model
-    assert manifest["env_sha256"] == tarball.sha256(env_archive) and manifest["weights"] == "tiny"
+    assert manifest["env_sha256"] == tarball.tree_sha256(env_archive) and manifest["weights"] == "tiny"
     assert manifest["kind"] == model
     # The manifest comes first: the first kilobytes tell what the archive is.
     assert names[0] == f"{model}/sdmme-archive.json"
@@ -80,27 +83,64 @@ def test_only_what_serving_reads_is_shipped(tiny_repository, packed_env, tmp_pat
     assert "sd_base/1/model.py" in names and "sd_base/1/weights/model_index.json" in names
 
 
-def test_packaging_twice_gives_identical_bytes(tiny_repository, packed_env, dist, tmp_path):
+def test_packaging_twice_gives_identical_bytes(tiny_repository, packed_env, dist, tmp_path, capsys):
     package.package(tiny_repository, ["sd_upscale"], tmp_path, packed_env[0])
     assert tarball.sha256(tmp_path / "sd_upscale.tar.gz") == tarball.sha256(dist / "sd_upscale.tar.gz")
+    report = capsys.readouterr().err  # the environment's size by package
+    assert f"environment {packed_env[0]}:" in report
+    assert report.split(f"environment {packed_env[0]}:")[1].splitlines()[1].split()[-1] == "torch"
+
+
+def test_slim_archives_leave_the_environment_to_the_image(tiny_repository, packed_env, dist, tmp_path):
+    (slim,) = package.package(tiny_repository, ["sd_base"], tmp_path, packed_env[0], "/opt/sdmme/sd_env")
+    with tarfile.open(slim) as tar:
+        names = tar.getnames()
+        config = tar.extractfile("sd_base/config.pbtxt").read().decode()
+        manifest = json.load(tar.extractfile("sd_base/sdmme-archive.json"))
+    assert not [n for n in names if "sd_env" in n] and "sd_base/1/weights/model_index.json" in names
+    assert 'string_value: "/opt/sdmme/sd_env"' in config and manifest["env_path"] == "/opt/sdmme/sd_env"
+    assert manifest["env_sha256"] == packed_env[1]["tree_sha256"]  # the environment the image must carry
+    assert slim.stat().st_size * 20 < (dist / "sd_base.tar.gz").stat().st_size
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "COPY env/sd_env ${ENV_PATH}" in dockerfile and f"ENV_PATH={package.IMAGE_ENV_PATH}" in dockerfile
+    assert f"IMAGE_ENV_PATH ?= {package.IMAGE_ENV_PATH}" in (ROOT / "Makefile").read_text()
+
+
+def test_environment_is_lean_and_its_bytecode_reproducible(packed_env):
+    env_dir = packed_env[0]
+    site = next(env_dir.glob("lib/python3*/site-packages"))
+    assert sorted(p.name for p in (env_dir / "bin").iterdir()) == sorted(
+        ["activate", "python", "python3", f"python{packed_env[1]['python']}"]
+    )
+    assert not list(site.glob("*/tests")) and not list(site.glob("pip")) and not list(env_dir.rglob("*.a"))
+    assert not list(site.glob("*.dist-info/direct_url.json"))  # no path of the build machine
+    assert (site / "torch" / "include").is_dir()  # torch.compile builds against these
+    pycs = list((site / "diffusers").rglob("*.pyc")) + list((site / "sdmme").rglob("*.pyc"))
+    assert pycs and all(p.read_bytes()[4:8] == b"\x01\x00\x00\x00" for p in pycs)  # unchecked hash, no time
+    assert not [p for p in pycs if str(env_dir).encode() in p.read_bytes()]
+
+
+def test_rebuilding_the_environment_gives_the_same_bytes(packed_env, tmp_path):
+    again = build.build("relocatable", "torch==2.13.0", output=tmp_path / "sd_env", work=tmp_path / "work")
+    assert tarball.tree_sha256(again) == tarball.tree_sha256(packed_env[0])
 
 
 def fake_env(path, *, activate=True, manifest=True, libpython=True, python="/bin/false"):
-    """A small env archive with only the parts a test asks for."""
-    with tarfile.open(path, "w:gz") as tar:
+    """A small environment directory with only the parts a test asks for."""
 
-        def add(name, data=b"", mode=0o644):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            tar.addfile(info, io.BytesIO(data))
+    def add(name, data=b"", mode=0o644):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+        (path / name).chmod(mode)
 
-        if activate:
-            add("bin/activate", b'export PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd):$PATH"\n')
-            add("bin/python3", f'#!/bin/sh\nexec {python} "$@"\n'.encode(), 0o755)
-        if manifest:
-            add("sdmme-env.json", json.dumps({"python": "3.11", "builder": "test", "sdmme": "0"}).encode())
-        if libpython:
-            add("lib/libpython3.11.so.1.0")
+    path.mkdir(parents=True)
+    if activate:
+        add("bin/activate", b'export PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd):$PATH"\n')
+        add("bin/python3", f'#!/bin/sh\nexec {python} "$@"\n'.encode(), 0o755)
+    if manifest:
+        add("sdmme-env.json", json.dumps({"python": "3.11", "builder": "test", "sdmme": "0"}).encode())
+    if libpython:
+        add("lib/libpython3.11.so.1.0")
     return path
 
 
@@ -114,15 +154,13 @@ def fake_env(path, *, activate=True, manifest=True, libpython=True, python="/bin
     ],
 )
 def test_env_contract_failures_say_what_to_change(tmp_path, parts, message):
-    archive = fake_env(tmp_path / "env.tar.gz", **parts)
+    archive = fake_env(tmp_path / "env", **parts)
     with pytest.raises(contract.ContractError, match=message.replace(".", "\\.")):
         contract.verify(archive, hide=[])
 
 
 def test_env_with_foreign_modules_is_refused(tmp_path):
-    archive = fake_env(
-        tmp_path / "env.tar.gz", python=sys.executable
-    )  # this venv's Python: not self-contained
+    archive = fake_env(tmp_path / "env", python=sys.executable)  # this venv's Python: not self-contained
     with pytest.raises(contract.ContractError, match="imported from outside the environment"):
         contract.verify(archive, hide=[])
 
@@ -176,8 +214,8 @@ def test_failed_model_check_names_the_problem_and_writes_nothing(
 
 def test_broken_or_missing_environment_stops_packaging(tiny_repository, tmp_path):
     with pytest.raises(package.PackageError, match="missing: run `make env` first"):
-        package.package(tiny_repository, ["sd_base"], tmp_path / "dist", tmp_path / "none.tar.gz")
-    broken = fake_env(tmp_path / "env.tar.gz", activate=False)
+        package.package(tiny_repository, ["sd_base"], tmp_path / "dist", tmp_path / "none")
+    broken = fake_env(tmp_path / "env", activate=False)
     with pytest.raises(package.PackageError, match="environment has no bin/activate"):
         package.package(tiny_repository, ["sd_base"], tmp_path / "dist", broken)
     assert not (tmp_path / "dist").exists()

@@ -35,6 +35,9 @@ def main() -> None:
         "--root", type=Path, help="where archives are extracted (default: a temporary folder)"
     )
     parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument(
+        "--python-version", help="the archives' environment Python, e.g. 3.12 (default: this Python's)"
+    )
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="sdmme-mme-"))
     with LocalEndpoint(
@@ -45,6 +48,7 @@ def main() -> None:
         args.endpoint_name,
         args.max_models,
         s3_endpoint_url=args.endpoint_url,
+        python_version=args.python_version,
     ) as endpoint:
         print(
             f"local MME {args.endpoint_name} on {endpoint.url} serving s3://{args.bucket}/{args.prefix}/ "

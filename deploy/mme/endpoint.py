@@ -102,6 +102,7 @@ class ModelManager:
         self.lock = threading.Lock()
         self.restart_lock = threading.Lock()
         self.restarts = 0
+        self.transfer_config = None  # boto3's TransferConfig for downloads (default: boto3's)
 
     def loaded(self) -> list:
         with self.lock:
@@ -211,7 +212,7 @@ class ModelManager:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         try:
-            self.s3.download_file(self.bucket, key, str(local))
+            self.s3.download_file(self.bucket, key, str(local), Config=self.transfer_config)
         except ClientError as e:
             shutil.rmtree(folder, ignore_errors=True)
             raise EndpointError(

@@ -6,7 +6,7 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from deploy.tritonserver import TritonServer
 
@@ -25,8 +25,11 @@ SAGEMAKER_FLAGS = [
 ]
 
 
-def server(empty_repository: Path, port: int, log_file: Path) -> TritonServer:
-    """tritonserver in SageMaker mode; models run only from the environments their archives carry."""
+def server(
+    empty_repository: Path, port: int, log_file: Path, python_version: Optional[str] = None
+) -> TritonServer:
+    """tritonserver in SageMaker mode; models run only from the environments their archives carry, with
+    the backend stub of `python_version` (theirs; default this Python's)."""
     empty_repository.mkdir(parents=True, exist_ok=True)
     return TritonServer(
         empty_repository,
@@ -36,6 +39,7 @@ def server(empty_repository: Path, port: int, log_file: Path) -> TritonServer:
         ready_port=port,
         ready_path="/ping",
         env={"SAGEMAKER_TRITON_PING_MODE": "live", "SAGEMAKER_MULTI_MODEL": "true"},
+        python_version=python_version,
     )
 
 

@@ -24,8 +24,10 @@ class LocalEndpoint:
         endpoint_name: str = "sd-mme",
         max_models: int = 4,
         s3_endpoint_url: Optional[str] = None,
+        python_version: Optional[str] = None,
     ):
         self.root = root
+        self.python_version = python_version  # the archives' environment Python (the image's)
         self.triton_port = free_port()
         self.triton = self._server()
         manager = endpoint.ModelManager(
@@ -42,7 +44,10 @@ class LocalEndpoint:
 
     def _server(self):
         return frontend.server(
-            self.root / "empty-repository", self.triton_port, self.root / "tritonserver.log"
+            self.root / "empty-repository",
+            self.triton_port,
+            self.root / "tritonserver.log",
+            self.python_version,
         )
 
     def restart_triton(self) -> None:
