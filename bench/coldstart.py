@@ -139,6 +139,7 @@ def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
                 )
                 s3.delete_object(Bucket="bench", Key=f"{layout}/{model}.tar.gz")
                 say(json.dumps(rows[-1]))
+            shutil.rmtree(weights.weights_dir(repository, model))  # disk: one model's weights at a time
     finally:
         moto.stop()
     return rows

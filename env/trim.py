@@ -61,11 +61,19 @@ def trim(prefix: Path) -> Dict[str, int]:
             removed["console scripts"] += _remove(path)
         elif path.name == "direct_url.json" and path.parent.name.endswith(".dist-info"):
             removed["build-machine records"] += _remove(path)
-            record = path.parent / "RECORD"
-            if record.exists():
-                lines = record.read_text().splitlines(keepends=True)
-                record.write_text("".join(line for line in lines if "/direct_url.json," not in line))
+    _prune_records(prefix)
     return dict(removed)
+
+
+def _prune_records(prefix: Path) -> None:
+    """Install records list only files that are there: the removed ones (console scripts, whose
+    hashes cover shebangs naming the build path) would make the records differ from build to build."""
+    for record in prefix.glob("lib/python3*/site-packages/*.dist-info/RECORD"):
+        site = record.parent.parent
+        lines = record.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if os.path.lexists(site / line.rsplit(",", 2)[0])]
+        if len(kept) != len(lines):
+            record.write_text("".join(kept))
 
 
 def compile_bytecode(prefix: Path, python: str, env: dict) -> None:

@@ -47,7 +47,7 @@ def test_upload_skips_the_same_and_never_silently_replaces(s3, tmp_path):
         f"{PREFIX}/sd_depth.tar.gz": "uploaded",
     }
     head = s3.head_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_base.tar.gz")
-    assert head["Metadata"] == {"sha256": tarball.sha256(files[0]), "python": "3.11"}
+    assert head["Metadata"] == {"sha256": tarball.sha256(files[0]), "python": "3.11", "env": "bundled"}
     assert set(upload.upload(s3, files, BUCKET, PREFIX).values()) == {"unchanged"}
 
     original = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_depth.tar.gz")["Body"].read()
