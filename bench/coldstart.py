@@ -103,6 +103,9 @@ def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
     if not env_tar.exists():
         members = [(p, p.name) for p in sorted(env_dir.iterdir())]
         tarball.write(env_tar, members, "environment as a .tar.gz (before)", compresslevel=1)
+    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
+        os.environ[key] = value  # moto's S3 on loopback, never AWS
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
