@@ -81,7 +81,10 @@ def before_archive(repository: Path, model: str, dist: Path, env_tar: Path) -> P
         ]
         config = staging / "config.pbtxt"
         config.write_text(config.read_text().replace(f'/{package.ENV_NAME}"', f'/{env_tar.name}"'))
-        return tarball.write(dist / f"{model}.tar.gz", members, f"{model} (before)", compresslevel=1)
+        first = f"{model}/{package.MANIFEST}"
+        return tarball.write(
+            dist / f"{model}.tar.gz", members, f"{model} (before)", compresslevel=1, first=first
+        )
 
 
 def weights_read_s(folder: Path) -> float:

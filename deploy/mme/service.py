@@ -40,6 +40,7 @@ class LocalEndpoint:
             restart=self.restart_triton,
         )
         self.http = endpoint.EndpointServer(("127.0.0.1", port), manager, endpoint_name)
+        self.serving = False
         self.manager = manager
 
     def _server(self):
@@ -69,14 +70,17 @@ class LocalEndpoint:
         return self
 
     def serve_forever(self) -> None:
+        self.serving = True
         self.http.serve_forever()
 
     def serve_in_background(self) -> LocalEndpoint:
+        self.serving = True
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
-        self.http.shutdown()
+        if self.serving:  # shutdown() waits for a serve loop: one must have started
+            self.http.shutdown()
         self.http.server_close()
         self.manager.unload_all()
         self.triton.stop()
