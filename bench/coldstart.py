@@ -87,6 +87,17 @@ def before_archive(repository: Path, model: str, dist: Path, env_tar: Path) -> P
         )
 
 
+def native_extract_s(archive: Path) -> float:
+    """GNU tar's time to extract the archive (the local MME extracts in Python, with a safety check
+    per member that costs milliseconds per file: slow for an environment of 30,000 files)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        start = time.monotonic()
+        subprocess.run(["tar", "-xzf", str(archive), "-C", tmp], check=True)
+        return time.monotonic() - start
+
+
 def weights_read_s(folder: Path) -> float:
     start = time.monotonic()
     for path in sorted(folder.rglob("*.safetensors")):
@@ -132,6 +143,7 @@ def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
                     env_path = package.BUNDLED if layout == "after" else str(env_dir)
                     (archive,) = package.package(repository, [model], dist, env_dir, env_path)
                 size = archive.stat().st_size
+                native = native_extract_s(archive)
                 upload.upload(s3, [archive], "bench", layout, config=single, replace=True)
                 shutil.rmtree(dist)
                 rows.append(
@@ -140,6 +152,7 @@ def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
                         "layout": layout,
                         "archive_mb": size / 1e6,
                         "weights_read_s": read_s,
+                        "native_extract_s": native,
                         **cold_start(url, layout, model, single, python),
                     }
                 )
@@ -170,30 +183,39 @@ def cold_start(s3_url: str, layout: str, model: str, config, python: str) -> Dic
     return {**{f"{k}_s": v for k, v in timings.items()}, "first_image_s": total}
 
 
+def _native_total(r: Dict) -> float:
+    """The first image with the archive extracted by GNU tar instead of the emulator's Python."""
+    return r["first_image_s"] - r.get("extract_s", 0) + r["native_extract_s"]
+
+
 def table(rows: List[Dict]) -> str:
     lines = [
-        "| model | layout | archive | download | extract | load to READY | first image (total) "
-        "| reading the weights alone | its share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | layout | archive | download | extract (local MME, Python) | extract (GNU tar) "
+        "| load to READY | first image | first image, GNU tar extraction | reading the weights alone |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['layout']} | {r['archive_mb'] / 1e3:.2f} GB "
-            f"| {r.get('download_s', 0):.1f}s "
-            f"| {r.get('extract_s', 0):.1f}s | {r.get('load_s', 0):.1f}s | {r['first_image_s']:.1f}s "
-            f"| {r['weights_read_s']:.1f}s | {100 * r['weights_read_s'] / r['first_image_s']:.0f}% |"
+            f"| {r.get('download_s', 0):.1f}s | {r.get('extract_s', 0):.1f}s | {r['native_extract_s']:.1f}s "
+            f"| {r.get('load_s', 0):.1f}s | {r['first_image_s']:.1f}s | {_native_total(r):.1f}s "
+            f"| {r['weights_read_s']:.1f}s ({100 * r['weights_read_s'] / _native_total(r):.0f}%) |"
         )
     return "\n".join(lines)
 
 
 def speedups(rows: List[Dict]) -> str:
-    by = {(r["model"], r["layout"]): r["first_image_s"] for r in rows}
+    by = {(r["model"], r["layout"]): r for r in rows}
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         if all((model, layout) in by for layout in LAYOUTS):
+            before, after, slim = (by[(model, layout)] for layout in LAYOUTS)
             lines.append(
-                f"- {model}: after {by[(model, 'before')] / by[(model, 'after')]:.2f}x faster to a first "
-                f"image than before; slim {by[(model, 'before')] / by[(model, 'slim')]:.2f}x"
+                f"- {model}, to a first image, with GNU tar extracting: after "
+                f"{_native_total(before) / _native_total(after):.2f}x faster than before, slim "
+                f"{_native_total(before) / _native_total(slim):.2f}x; as the local MME measured it "
+                f"(Python extraction): after {before['first_image_s'] / after['first_image_s']:.2f}x, "
+                f"slim {before['first_image_s'] / slim['first_image_s']:.2f}x"
             )
     return "\n".join(lines)
 
