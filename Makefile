@@ -141,10 +141,10 @@ bench: weights
 bench-gpu: venv
 	$(PY) -m bench.gpu
 
-# Cold start at real size, before/after/slim (GPU environment and full-size weights: about 30 GB of disk,
-# an hour on 2 cores); appends to docs/benchmarks.md.
+# Cold start at real size, before/after/slim (GPU environment and full-size weights: about 45 GB of disk,
+# about 20 minutes per model on 2 cores; MODELS= picks some); appends to docs/benchmarks.md.
 bench-coldstart: venv
-	$(PY) -m bench.coldstart
+	$(PY) -m bench.coldstart $(if $(MODELS),--models $(MODELS))
 
 docs: venv
 	$(PY) -m sdmme.docs
