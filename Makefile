@@ -8,7 +8,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
-WEIGHTS := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
+WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
 .PHONY: venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
 
@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-weights: $(WEIGHTS)
-$(WEIGHTS) &: | $(VENV)/.installed
+weights: $(WEIGHT_FILES)
+$(WEIGHT_FILES) &: | $(VENV)/.installed
 	$(PY) -m sdmme.weights tiny
 
 # The real architectures at full size with random weights (offline; about 2.6 GB per model): bench, serving tests.

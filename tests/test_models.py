@@ -182,3 +182,7 @@ def test_make_model_with_a_lora_from_the_command_line(files, repo):
         text=True,
     )
     assert refused.returncode != 0 and "make model:" in refused.stderr and "Traceback" not in refused.stderr
+    usage = subprocess.run(
+        ["make", "-s", "model", "NAME=x", "KIND=sd_base"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert usage.returncode == 2 and "usage: make model" in usage.stdout  # WEIGHTS= is required
