@@ -26,7 +26,7 @@ from deploy import tarball
 from env import contract, trim
 from env.build import OUTPUT as ENV_DIR
 from env.build import verified_manifest
-from sdmme import repository
+from sdmme import repository as model_folders  # not `repository`: package() takes a path by that name
 from sdmme.spec import MODELS
 
 ENV_NAME = "sd_env"  # a directory: Triton uses it in place, so SageMaker's extraction is the only one
@@ -66,7 +66,7 @@ def check_model(folder: Path) -> Dict:
         raise PackageError(f'{name}: config.pbtxt must say name: "{name}" (the folder name)')
     if not re.search(r'^backend:\s*"python"', config, re.M):
         raise PackageError(f'{name}: config.pbtxt must say backend: "python"')
-    kind = repository.kind_in(config)
+    kind = model_folders.kind_in(config)
     if kind not in MODELS:
         raise PackageError(
             f"{name}: config.pbtxt must declare its kind, one of {', '.join(MODELS)} "
@@ -176,7 +176,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     try:
-        found = repository.models(args.repository)
+        found = model_folders.models(args.repository)
         unknown = sorted(set(args.models or []) - set(found))
         if unknown:
             raise PackageError(f"no such model in {args.repository}: {', '.join(unknown)}")

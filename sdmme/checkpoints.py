@@ -100,8 +100,7 @@ def inspect(path: Path) -> Architecture:
         (
             s[-1]
             for k, s in shapes.items()
-            if k.endswith(("token_embedding.weight", "embeddings.token_embedding.weight"))
-            and k.startswith("cond_stage_model.")
+            if k.startswith("cond_stage_model.") and k.endswith("token_embedding.weight")
         ),
         None,
     )

@@ -259,10 +259,9 @@ class ModelManager:
 
     def _evict_one(self) -> bool:
         with self.lock:
-            idle = [target for target, model in self.lru.items() if model.users == 0]
-            if not idle:
+            target = next((t for t, model in self.lru.items() if model.users == 0), None)
+            if target is None:
                 return False
-            target = idle[0]
             victim = self.lru.pop(target)
         start = time.monotonic()
         with victim.lock:  # requests for it wait, then load it again
