@@ -82,13 +82,15 @@ env: env/sd_env/sdmme-env.json
 env/sd_env/sdmme-env.json: pyproject.toml environment.yml env/serving.txt $(wildcard sdmme/*.py) | $(VENV)/.installed
 	$(PY) -m env --builder $(ENV_BUILDER) --flavor $(ENV_FLAVOR) --python "$(ENV_PYTHON)" --torch "$(TORCH)"
 
+# gzip level of the archives: 0 (stored) makes every cold load's extraction a copy (docs/benchmarks.md)
+GZIP_LEVEL ?= 0
 package: weights env
-	$(PY) -m deploy.package
+	$(PY) -m deploy.package --gzip-level $(GZIP_LEVEL)
 
 # Slim archives (weights, config, model code) for an image that carries the environment (make image).
 IMAGE_ENV_PATH ?= /opt/sdmme/sd_env
 package-slim: weights env
-	$(PY) -m deploy.package --dist dist-slim --slim-env-path $(IMAGE_ENV_PATH)
+	$(PY) -m deploy.package --dist dist-slim --slim-env-path $(IMAGE_ENV_PATH) --gzip-level $(GZIP_LEVEL)
 
 # SageMaker's Triton image with env/sd_env/ at IMAGE_ENV_PATH, pushed to IMAGE_URI (an ECR repository of
 # yours). Needs docker and ECR logins for AWS's registry and yours; not runnable on the dev machines.

@@ -34,6 +34,9 @@ MANIFEST = "sdmme-archive.json"
 BUNDLED = f"$$TRITON_MODEL_DIRECTORY/{ENV_NAME}"  # the environment the archive carries
 # Slim archives (`make package-slim`): the environment is baked into the image there (docker/Dockerfile).
 IMAGE_ENV_PATH = "/opt/sdmme/sd_env"
+# gzip level 0: CUDA libraries and fp16 weights barely compress, and every cold load on every instance
+# pays for inflating (zlib: 2.8 GB of weights in 1.1 s stored, 13.4 s at level 1 on the dev machine).
+STORED = 0
 
 
 def env_parameter(env_path: str) -> str:
@@ -121,7 +124,12 @@ def read_manifest(stream: IO[bytes]) -> Optional[Dict]:
 
 
 def package(
-    repository: Path, models: List[str], dist: Path, env_dir: Path = ENV_DIR, env_path: str = BUNDLED
+    repository: Path,
+    models: List[str],
+    dist: Path,
+    env_dir: Path = ENV_DIR,
+    env_path: str = BUNDLED,
+    gzip_level: int = STORED,
 ) -> List[Path]:
     """Self-contained archives, or with `env_path` slim ones that run in the environment at that path
     (the same environment, baked into the serving image)."""
@@ -147,12 +155,11 @@ def package(
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             dest = dist / f"{info['model']}.tar.gz"
             print(f"packing {dest}", file=sys.stderr, flush=True)
-            # Mostly binaries already dense: a light level saves minutes and costs little space.
             tarball.write(
                 dest,
                 members(folder, staging, env_dir, env_path),
                 f"packing {dest.name}",
-                compresslevel=1,
+                compresslevel=gzip_level,
                 first=f"{info['model']}/{MANIFEST}",
             )
             written.append(dest)
@@ -174,6 +181,14 @@ def main() -> None:
         help=f"slim archives without the environment, run in the one at this path in the image "
         f"(make image puts it at {IMAGE_ENV_PATH})",
     )
+    parser.add_argument(
+        "--gzip-level",
+        type=int,
+        choices=range(10),
+        default=STORED,
+        help="0 (default): stored, inflating is a copy; higher levels trade every cold load's time for "
+        "a smaller upload (docs/benchmarks.md)",
+    )
     args = parser.parse_args()
     try:
         found = model_folders.models(args.repository)
@@ -181,7 +196,7 @@ def main() -> None:
         if unknown:
             raise PackageError(f"no such model in {args.repository}: {', '.join(unknown)}")
         env_path = args.slim_env_path or BUNDLED
-        package(args.repository, args.models or sorted(found), args.dist, args.env, env_path)
+        package(args.repository, args.models or sorted(found), args.dist, args.env, env_path, args.gzip_level)
     except PackageError as e:
         raise SystemExit(f"make package: {e}") from None
 

@@ -93,7 +93,7 @@ def write(
     dest: Path,
     members: Iterable[Tuple[Path, str]],
     label: str,
-    compresslevel: int = 6,
+    compresslevel: int,
     first: Optional[str] = None,
 ) -> Path:
     """Write `members` (local path, name in archive; folders recursively) to dest, atomically.

@@ -6,34 +6,45 @@ import shutil
 import tarfile
 from pathlib import Path
 
+COPY_BUFFER = 1 << 20  # tarfile's default (16 KiB) costs a Python call per 16 KiB of a multi-GB archive
+
 
 class ArchiveError(Exception):
     """The archive cannot be served: not a tar.gz, unsafe, or not one model folder."""
 
 
 def extract(archive: Path, dest: Path) -> str:
-    """Extract into dest (absolute paths, `..`, links leaving dest and device files are refused).
+    """Extract into dest in one pass over the stream (absolute paths, `..`, links leaving dest and device
+    files are refused by the stdlib's `data` filter, member by member, before each is written).
 
     Returns the archive's single top-level folder, the Triton model folder.
     """
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    tops = set()
+
+    def one_model_folder(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        name = member.name.lstrip("./")
+        if name:
+            tops.add(name.split("/")[0])
+            if len(tops) > 1:
+                raise ArchiveError(f"the archive must hold one top-level model folder, found: {sorted(tops)}")
+        return tarfile.data_filter(member, path)
+
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            tops = {m.name.lstrip("./").split("/")[0] for m in members if m.name.lstrip("./")}
-            if len(tops) != 1:
-                raise ArchiveError(
-                    f"the archive must hold one top-level model folder, found: {sorted(tops)[:5]}"
-                )
-            tar.extractall(dest, members=members, filter="data")  # stdlib refuses unsafe entries here
+        # Members are read as they are extracted: listing them first would inflate a gzip twice.
+        with tarfile.open(archive, "r:*", copybufsize=COPY_BUFFER) as tar:
+            tar.extractall(dest, filter=one_model_folder)
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError(f"cannot extract {archive.name}: {type(e).__name__}: {e}") from None
     except ArchiveError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+    if not tops:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ArchiveError(f"{archive.name} is empty")
     top = tops.pop()
     if not (dest / top / "config.pbtxt").is_file():
         shutil.rmtree(dest, ignore_errors=True)
