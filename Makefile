@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
+.PHONY: FORCE venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -78,8 +78,15 @@ ENV_BUILDER ?= auto
 ENV_FLAVOR ?= cpu
 ENV_PYTHON ?= $(PYTHON)
 
+# How the environment is built, as a file that changes only when a setting does: switching flavor or
+# Python rebuilds it.
+ENV_SETTINGS = builder=$(ENV_BUILDER) flavor=$(ENV_FLAVOR) python=$(ENV_PYTHON) torch=$(TORCH)
+env/sd_env.settings: FORCE
+	@echo '$(ENV_SETTINGS)' | cmp -s - $@ || echo '$(ENV_SETTINGS)' > $@
+FORCE:
+
 env: env/sd_env/sdmme-env.json
-env/sd_env/sdmme-env.json: pyproject.toml environment.yml env/serving.txt $(wildcard sdmme/*.py) | $(VENV)/.installed
+env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt $(wildcard sdmme/*.py) | $(VENV)/.installed
 	$(PY) -m env --builder $(ENV_BUILDER) --flavor $(ENV_FLAVOR) --python "$(ENV_PYTHON)" --torch "$(TORCH)"
 
 # gzip level of the archives: 0 (stored) makes every cold load's extraction a copy (docs/benchmarks.md)

@@ -4,6 +4,7 @@ the set resolves for the Python of the image it is chosen for."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,3 +97,26 @@ def test_the_pins_resolve_for_the_image_python(tmp_path):
         for i in json.loads(report.read_text())["install"]
     }
     assert installed["torch"] == str(next(iter(Requirement(PINNED["torch"]).specifier)).version)
+
+
+def test_make_env_rebuilds_when_its_settings_change(tmp_path):
+    """The environment's rule depends on a file of its settings, rewritten only when one changes: a switch
+    of flavor or Python rebuilds it, the same settings again do not."""
+    makefile = (ROOT / "Makefile").read_text()
+    rule = next(line for line in makefile.splitlines() if line.startswith("env/sd_env/sdmme-env.json:"))
+    assert "env/sd_env.settings" in rule.split(":")[1]
+    (tmp_path / "env").mkdir()
+    stamp = tmp_path / "env" / "sd_env.settings"
+
+    def settings(*assignments):
+        make = ["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "env/sd_env.settings"]
+        subprocess.run([*make, *assignments], check=True, capture_output=True)
+        return stamp.read_text(), stamp.stat().st_mtime_ns
+
+    text, _ = settings("ENV_FLAVOR=gpu", "ENV_PYTHON=python3.12")
+    assert "flavor=gpu" in text and "python=python3.12" in text
+    old = 1_000_000_000 * 10**9
+    os.utime(stamp, ns=(old, old))
+    assert settings("ENV_FLAVOR=gpu", "ENV_PYTHON=python3.12") == (text, old)
+    text, mtime = settings("ENV_FLAVOR=cpu", "ENV_PYTHON=python3.12")
+    assert "flavor=cpu" in text and mtime > old
