@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: FORCE venv weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -85,8 +85,12 @@ env/sd_env.settings: FORCE
 	@echo '$(ENV_SETTINGS)' | cmp -s - $@ || echo '$(ENV_SETTINGS)' > $@
 FORCE:
 
+# env/serving.lock: after a change to env/serving.txt, every dependency resolved again at an exact version
+lock: venv
+	$(PY) -m env.lock
+
 env: env/sd_env/sdmme-env.json
-env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt $(wildcard sdmme/*.py) | $(VENV)/.installed
+env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt env/serving.lock $(wildcard sdmme/*.py) | $(VENV)/.installed
 	$(PY) -m env --builder $(ENV_BUILDER) --flavor $(ENV_FLAVOR) --python "$(ENV_PYTHON)" --torch "$(TORCH)"
 
 # gzip level of the archives: 0 (stored) makes every cold load's extraction a copy (docs/benchmarks.md)

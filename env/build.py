@@ -51,6 +51,7 @@ def run(cmd: list, **kwargs) -> None:
 
 
 PINS = ROOT / "env" / "serving.txt"
+LOCK = ROOT / "env" / "serving.lock"  # every package of the gpu flavor, exactly (`make lock`, env/lock.py)
 GPU_ONLY = ("torch", "xformers")  # the cpu flavor takes TORCH's build instead, and no xformers
 _DESCRIBE = (
     "import json, sys, sysconfig; print(json.dumps({'version': '%d.%d' % sys.version_info[:2], "
@@ -74,6 +75,12 @@ def requirements(flavor: str, torch: str) -> list:
     if flavor == "gpu":
         return list(pinned.values())
     return [torch] + [line for name, line in pinned.items() if name not in GPU_ONLY]
+
+
+def constraints(flavor: str) -> list:
+    """The gpu flavor installs with the lock: its dependencies too are the same on any day. The cpu flavor
+    (TORCH's build, another dependency set) follows the pins only."""
+    return ["-c", str(LOCK)] if flavor == "gpu" else []
 
 
 def relocatable(dest: Path, interpreter: str, packages: list) -> str:
@@ -165,7 +172,7 @@ def build(
         version = with_conda(work / "conda", conda)
         conda_pack(work / "conda", prefix)
     else:
-        version = relocatable(prefix, interpreter, requirements(flavor, torch))
+        version = relocatable(prefix, interpreter, requirements(flavor, torch) + constraints(flavor))
     manifest = {"python": version, "builder": builder, "sdmme": _version()}
     if builder != "conda":
         manifest["flavor"] = flavor

@@ -3,11 +3,9 @@ the set resolves for the Python of the image it is chosen for."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -15,7 +13,7 @@ from conftest import ROOT
 from packaging.requirements import Requirement
 
 from deploy import containers
-from env import build
+from env import build, lock
 
 PINNED = build.pins()
 
@@ -60,43 +58,27 @@ def test_runtime_ranges_admit_the_pins():
             assert requirement.specifier.contains(version), f"{line} refuses the pinned {pinned}"
 
 
-def test_the_pins_resolve_for_the_image_python(tmp_path):
-    """pip's resolver on the registry, for the image's Python, without downloading the wheels."""
+def test_the_lock_holds_the_pins_and_the_builders_use_it():
+    locked = lock.read()
+    for name, line in PINNED.items():
+        assert locked[name] == str(next(iter(Requirement(line).specifier)).version), name
+    assert build.constraints("gpu") == ["-c", str(build.LOCK)] and build.constraints("cpu") == []
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
+    assert "-c env/serving.lock" in pip
+
+
+def test_the_pins_resolve_for_the_image_python_exactly_as_locked():
+    """pip's resolver on the registry, for the image's Python, without downloading the wheels: with the
+    lock as constraints it must give the lock, nothing more or less (a stale lock fails here: `make lock`)."""
     python = containers.python_for(containers.DEFAULT_TAG)
-    report = tmp_path / "report.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--dry-run",
-            "--ignore-installed",
-            "--quiet",
-            "--only-binary=:all:",
-            "--python-version",
-            python,
-            "--target",
-            str(tmp_path / "t"),
-            "--report",
-            str(report),
-            "-r",
-            str(build.PINS),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0 and "Could not find" not in result.stderr and "conflict" not in result.stderr:
-        pytest.skip(f"the package registry did not answer (pip: {result.stderr.strip()[-300:]}); needs PyPI")
-    assert result.returncode == 0, (
-        f"env/serving.txt does not resolve for Python {python}:\n{result.stderr[-2000:]}"
-    )
-    installed = {
-        i["metadata"]["name"].lower(): i["metadata"]["version"]
-        for i in json.loads(report.read_text())["install"]
-    }
-    assert installed["torch"] == str(next(iter(Requirement(PINNED["torch"]).specifier)).version)
+    try:
+        resolved = lock.resolve(build.requirements("gpu", ""), python, constraints=build.LOCK)
+    except lock.ResolveError as e:
+        if not e.registry:
+            pytest.skip(f"the package registry did not answer (pip: {str(e)[-300:]}); needs PyPI")
+        pytest.fail(f"env/serving.txt does not resolve for Python {python} with env/serving.lock:\n{e}")
+    assert resolved == lock.read()
 
 
 def test_make_env_rebuilds_when_its_settings_change(tmp_path):
