@@ -162,9 +162,24 @@ def largest_upscale_input(bench: Bench, settings: pipelines.Settings, sides: Lis
     return best
 
 
+class Report(list):
+    """The report's lines, each printed as it comes: a run cut short (a lent GPU's time limit) still
+    shows what it measured."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
+
+
 def run(bench: Bench, steps: int, compile_mode: str, upscale_sides: List[int]) -> List[str]:
     """Every measurement; returns the markdown lines of the report."""
-    lines = [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, fp16:", "", HEADER]
+    lines = Report()
+    lines += [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, fp16:", "", HEADER]
     base_job = job("sd_base", steps, 512)
     results = {}
     for label, settings in settings_to_compare(bench.device, compile_mode).items():

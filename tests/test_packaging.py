@@ -88,6 +88,11 @@ def test_only_what_serving_reads_is_shipped(tiny_repository, packed_env, tmp_pat
 def test_packaging_twice_gives_identical_bytes(tiny_repository, packed_env, dist, tmp_path, capsys):
     package.package(tiny_repository, ["sd_upscale"], tmp_path, packed_env[0])
     assert tarball.sha256(tmp_path / "sd_upscale.tar.gz") == tarball.sha256(dist / "sd_upscale.tar.gz")
+    # Stored, not compressed (make package's default): deflate blocks of type 0, so inflating is a copy.
+    with open(dist / "sd_upscale.tar.gz", "rb") as f:
+        header = f.read(11)
+    assert header[:3] == b"\x1f\x8b\x08" and header[10] & 0b110 == 0
+    assert (dist / "sd_upscale.tar.gz").stat().st_size > tarball.tree_size([packed_env[0]])
     report = capsys.readouterr().err  # the environment's size by package
     assert f"environment {packed_env[0]}:" in report
     assert report.split(f"environment {packed_env[0]}:")[1].splitlines()[1].split()[-1] == "torch"
