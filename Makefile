@@ -155,7 +155,7 @@ bench-gpu: venv
 	$(PY) -m bench.gpu
 
 # Cold start at real size, before/after/slim (GPU environment and full-size weights: about 45 GB of disk,
-# about 20 minutes per model on 2 cores; MODELS= picks some); appends to docs/benchmarks.md.
+# about 12 minutes per model on 2 cores; MODELS= picks some); appends to docs/benchmarks.md.
 bench-coldstart: venv
 	$(PY) -m bench.coldstart $(if $(MODELS),--models $(MODELS))
 
