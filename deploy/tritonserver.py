@@ -8,6 +8,7 @@ and the wheel's libraries have to be on LD_LIBRARY_PATH (see shared/FACTS.md).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -25,9 +26,11 @@ log = logging.getLogger("tritonserver")
 
 
 def _wheel_root() -> Path:
-    import pytriton
-
-    return Path(pytriton.__file__).parent / "tritonserver"
+    """Found without importing pytriton (its client needs packages a wheel installed alone lacks)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nvidia-pytriton is not installed: it carries tritonserver")
+    return Path(spec.submodule_search_locations[0]) / "tritonserver"
 
 
 def binary() -> Path:

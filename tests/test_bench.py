@@ -18,14 +18,26 @@ def test_bench_gpu_refuses_without_a_gpu():
     assert "make bench-gpu needs a CUDA GPU and none is visible here" in result.stderr
 
 
+def device_script(step, tmp_path, args):
+    """bench/device.sh as a lent GPU machine runs it, on this machine's Python and CPU."""
+    environment = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "DEVICE_PYTHON": sys.executable,
+        "DEVICE_SITE": str(tmp_path / "site"),
+        "BENCH_ARGS": args,
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "device.sh"), step], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
 def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     """Through bench/device.sh, the one call a lent GPU machine gets, with the device and weights swapped."""
     args = f"--device cpu --tiny --steps 2 --repeats 1 --compile none --weights-cache {tmp_path / 'weights'}"
-    environment = {**os.environ, "OUT": str(tmp_path), "DEVICE_PYTHON": sys.executable, "BENCH_ARGS": args}
-    result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "device.sh"), "run"], env=environment, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = device_script("run", tmp_path, args)
     report = (tmp_path / "benchmarks.md").read_text()
     assert report.startswith("## make bench-gpu: CPU;") and "Weights: tiny." in report
     assert "| batch 8 |" in result.stdout and "| batch 8 |" in (tmp_path / "bench.log").read_text()
@@ -43,6 +55,17 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     ]:
         assert row in report, row
     assert "Fastest: " in report
+
+
+def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
+    """bench/device.sh serve: one tritonserver with the four models, each called as the AWS sample calls."""
+    args = f"--tiny --side 64 --steps 2 --repeats 1 --repository {tmp_path / 'repository'}"
+    result = device_script("serve", tmp_path, args)
+    report = (tmp_path / "served.md").read_text()
+    for model, request in [("sd_base", 64), ("sd_depth", 64), ("sd_inpaint", 64), ("sd_upscale", 16)]:
+        assert f"| {model} | {request} px, 2 steps | 200 | 64x64 |" in report, report
+    assert "| sd_upscale |" in result.stdout
+    assert report.startswith("## Served by tritonserver, AWS sample payloads: CPU;")
 
 
 def test_make_bench_sections_against_a_real_server(server, tiny_repository):
