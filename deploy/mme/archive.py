@@ -14,7 +14,7 @@ class ArchiveError(Exception):
 
 
 def extract(archive: Path, dest: Path) -> str:
-    """Extract into dest in one pass over the stream (absolute paths, `..`, links leaving dest and device
+    """Extract into dest in one pass over the archive (absolute paths, `..`, links leaving dest and device
     files are refused by the stdlib's `data` filter, member by member, before each is written).
 
     Returns the archive's single top-level folder, the Triton model folder.
