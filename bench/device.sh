@@ -13,11 +13,13 @@
 #   keeps what it measured. BENCH_ARGS passes options (e.g. "--compile none --repeats 1"); BENCH_TIMEOUT
 #   (seconds, default 540) stops it inside a 600 s call.
 # Without CUDA, DEVICE_PYTHON=.venv/bin/python and tiny settings in BENCH_ARGS run the same steps on CPU
-# (tests/test_bench.py; DEVICE_SITE puts the installed wheels elsewhere than /tmp/sdmme-site).
+# (tests/test_bench.py, with DEVICE_WHEELS= empty: wheels fetched here are for the device's Python;
+# DEVICE_SITE: where wheels are installed, /tmp/sdmme-site by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${DEVICE_PYTHON:-python3}
 site=${DEVICE_SITE:-/tmp/sdmme-site}
+carried=${DEVICE_WHEELS-.whl*/*.whl}  # the wheels a call carried (empty: none, as in the tests)
 out=${OUT:-out/device}
 
 download() {  # folder, requirements...
@@ -30,8 +32,8 @@ download() {  # folder, requirements...
 }
 
 install_carried() {
-    local wheels
-    wheels=$(compgen -G ".whl*/*.whl" || true)
+    local wheels=""
+    [ -z "$carried" ] || wheels=$(compgen -G "$carried" || true)
     if [ -n "$wheels" ]; then
         # shellcheck disable=SC2086  # one word per wheel
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

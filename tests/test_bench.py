@@ -25,6 +25,7 @@ def device_script(step, tmp_path, args):
         "OUT": str(tmp_path),
         "DEVICE_PYTHON": sys.executable,
         "DEVICE_SITE": str(tmp_path / "site"),
+        "DEVICE_WHEELS": "",  # none: `device.sh wheels` may have fetched some here, for the device's Python
         "BENCH_ARGS": args,
     }
     result = subprocess.run(
