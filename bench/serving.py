@@ -53,9 +53,20 @@ def post(url: str, model: str, data: bytes, headers: dict = None) -> bytes:
         return response.read()
 
 
-def executions(url: str, model: str = "sd_base") -> int:
+def model_stats(url: str, model: str = "sd_base") -> dict:
     with urllib.request.urlopen(f"http://{url}/v2/models/{model}/stats") as response:
-        return json.loads(response.read())["model_stats"][0]["execution_count"]
+        return json.loads(response.read())["model_stats"][0]
+
+
+def counted(url: str, model: str, before: dict, requests: int, timeout: float = 30.0) -> dict:
+    """Triton's statistics once they count `requests` inferences more than `before`: Triton counts an
+    execute() when it returns, which can be after that call's answers reached their callers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = model_stats(url, model)
+        if now["inference_count"] - before["inference_count"] >= requests or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
 
 
 def in_process(repository: Path, request: dict, repeats: int) -> float:
@@ -118,14 +129,18 @@ def overhead(server: TritonServer, repository: Path, steps: int, size: int, repe
 
 def batching_gain(server: TritonServer, count: int, steps: int, size: int) -> list:
     bodies = [json.dumps(body(i, steps, size)).encode() for i in range(count)]
-    start, calls = time.monotonic(), executions(server.url)
+    start, before = time.monotonic(), model_stats(server.url)
     for data in bodies:
         post(server.url, "sd_base", data)
-    sequential, sequential_calls = time.monotonic() - start, executions(server.url) - calls
-    start, calls = time.monotonic(), executions(server.url)
+    sequential = time.monotonic() - start
+    after = counted(server.url, "sd_base", before, count)
+    sequential_calls = after["execution_count"] - before["execution_count"]
+    start, before = time.monotonic(), after
     with ThreadPoolExecutor(count) as pool:
         list(pool.map(lambda data: post(server.url, "sd_base", data), bodies))
-    concurrent, concurrent_calls = time.monotonic() - start, executions(server.url) - calls
+    concurrent = time.monotonic() - start
+    after = counted(server.url, "sd_base", before, count)
+    concurrent_calls = after["execution_count"] - before["execution_count"]
     return [
         f"Batching, sd_base, {count} requests, {steps} steps, {size}x{size}:",
         f"  one at a time: {sequential:.2f}s in {sequential_calls} execute() calls",

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import b64, get, picture, post, sample_payload
+from conftest import b64, picture, post, sample_payload
 from test_gpu_settings import with_parameters
 
 from bench import serving
@@ -31,21 +31,17 @@ def timed_post(server, model: str, body: dict, delay: float = 0.0):
     return status, answer, start, time.monotonic()
 
 
-def executions(server, model: str) -> int:
-    return get(server, f"/v2/models/{model}/stats")["model_stats"][0]["execution_count"]
-
-
 def test_each_group_is_answered_as_soon_as_it_is_done(server):
     """Two requests that queue behind a running call share the next execute(); the quick one's answer
     goes out when its group is done, not after the slow group."""
-    before = executions(server, "sd_base")
+    before = serving.model_stats(server.url)
     calls = [(txt2img(12, 256), 0.0), (txt2img(1, 64), 0.15), (txt2img(30, 256), 0.25)]
     with ThreadPoolExecutor(3) as pool:
         blocker, quick, slow = pool.map(lambda call: timed_post(server, "sd_base", *call), calls)
     assert [blocker[0], quick[0], slow[0]] == [200, 200, 200]
     assert quick[2] < blocker[3] and slow[2] < blocker[3], "both queued behind the running call"
-    time.sleep(1)  # statistics count an execute() when it returns, after its last answer went out
-    assert executions(server, "sd_base") - before == 2  # the blocker, then the quick and slow together
+    after = serving.counted(server.url, "sd_base", before, 3)
+    assert after["execution_count"] - before["execution_count"] == 2  # the blocker, then quick and slow
     assert quick[3] < slow[3] - 0.2, (quick[3], slow[3])
 
 

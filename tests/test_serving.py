@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, b64, get, picture, post, sample_payload
+from conftest import ROOT, b64, picture, post, sample_payload
 from PIL import Image
 
+from bench import serving
 from client import ModelError
 from client.base import request_body
 from client.triton import TritonClient
@@ -105,10 +106,6 @@ def test_output_formats(client, fmt, pil_format):
     assert Image.open(io.BytesIO(data)).format == pil_format
 
 
-def stats(server, model):
-    return get(server, f"/v2/models/{model}/stats")["model_stats"][0]
-
-
 def test_concurrent_requests_are_batched(server):
     bodies = [
         sample_payload(
@@ -116,10 +113,10 @@ def test_concurrent_requests_are_batched(server):
         )
         for i in range(6)
     ]
-    before = stats(server, "sd_base")
+    before = serving.model_stats(server.url)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda body: post(server, "/v2/models/sd_base/infer", body), bodies))
-    after = stats(server, "sd_base")
+    after = serving.counted(server.url, "sd_base", before, 6)
     assert [status for status, _ in results] == [200] * 6
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
@@ -184,10 +181,10 @@ def test_mixed_batch_returns_the_good_requests(server):
         prompt="good", gen_args=json.dumps({"num_inference_steps": 2, "height": 64, "width": 64})
     )
     bad = sample_payload(prompt="bad", gen_args=json.dumps({"guidance_scale": 99}))
-    before = stats(server, "sd_base")
+    before = serving.model_stats(server.url)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda body: post(server, "/v2/models/sd_base/infer", body), [good, bad] * 3))
-    after = stats(server, "sd_base")
+    after = serving.counted(server.url, "sd_base", before, 3)  # the good ones, with their execute() calls
     assert [status for status, _ in results] == [200, 400] * 3
     assert all("gen_args.guidance_scale=99" in body["error"] for _, body in results[1::2])
     assert after["execution_count"] - before["execution_count"] < 3  # good and bad shared execute() calls
