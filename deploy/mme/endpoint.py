@@ -304,7 +304,10 @@ class Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the caller gave up (a client timeout): theirs
+            log.info("%s %s: the caller went away before its %d answer", self.command, self.path, status)
 
     def _error(self, error: EndpointError) -> None:
         body = json.dumps({"message": error.message, **error.fields}).encode()
