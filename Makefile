@@ -79,8 +79,8 @@ ENV_FLAVOR ?= cpu
 ENV_PYTHON ?= $(PYTHON)
 
 # How the environment is built, as a file that changes only when a setting does: switching flavor or
-# Python rebuilds it.
-ENV_SETTINGS = builder=$(ENV_BUILDER) flavor=$(ENV_FLAVOR) python=$(ENV_PYTHON) torch=$(TORCH)
+# Python rebuilds it. TORCH counts for the cpu flavor only (gpu takes torch from env/serving.txt).
+ENV_SETTINGS = builder=$(ENV_BUILDER) flavor=$(ENV_FLAVOR) python=$(ENV_PYTHON)$(if $(filter cpu,$(ENV_FLAVOR)), torch=$(TORCH))
 env/sd_env.settings: FORCE
 	@echo '$(ENV_SETTINGS)' | cmp -s - $@ || echo '$(ENV_SETTINGS)' > $@
 FORCE:

@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from PIL import Image
 from safetensors.torch import load_file
 
+from client import base
 from deploy import package, tarball, upload
 from deploy.mme.service import LocalEndpoint
 from deploy.tritonserver import free_port
@@ -52,21 +54,11 @@ def say(message: str) -> None:
 
 
 def request_body(model: str) -> bytes:
-    import base64
-    import io
-
-    from PIL import Image
-
-    def png(side: int) -> str:
-        buffer = io.BytesIO()
-        Image.new("RGB", (side, side), (120, 80, 40)).save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
-
     spec = REQUESTS[model]
-    values = {"prompt": "a", "gen_args": json.dumps(spec["gen_args"])}
-    values.update({name: png(spec[name]) for name in MODELS[model].image_inputs})
-    inputs = [{"name": k, "shape": [1, 1], "datatype": "BYTES", "data": [v]} for k, v in values.items()]
-    return json.dumps({"inputs": inputs}).encode()
+    images = {
+        name: Image.new("RGB", (spec[name], spec[name]), (120, 80, 40)) for name in MODELS[model].image_inputs
+    }
+    return json.dumps(base.request_body("a", None, images, spec["gen_args"])).encode()
 
 
 def before_archive(repository: Path, model: str, dist: Path, env_tar: Path) -> Path:

@@ -85,6 +85,14 @@ def point_aws_at(moto_url: str, patch: pytest.MonkeyPatch) -> None:
         patch.setenv(key, value)
 
 
+def remove_bucket(s3, bucket: str) -> None:
+    """Delete a bucket and its objects: moto keeps every object's bytes on disk until then."""
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    s3.delete_bucket(Bucket=bucket)
+
+
 @pytest.fixture()
 def aws(moto_url, monkeypatch):
     point_aws_at(moto_url, monkeypatch)

@@ -7,7 +7,7 @@ import time
 
 import boto3
 import pytest
-from conftest import ROOT
+from conftest import ROOT, remove_bucket
 
 from deploy import containers, sagemaker
 from deploy.upload import ENV_KEY, PYTHON_KEY, SHA_KEY
@@ -29,9 +29,7 @@ def archives(aws):
             Metadata={SHA_KEY: "0", PYTHON_KEY: containers.python_for(containers.DEFAULT_TAG)},
         )
     yield s3
-    for obj in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
-    s3.delete_bucket(Bucket=BUCKET)
+    remove_bucket(s3, BUCKET)
 
 
 def settings(**changes):

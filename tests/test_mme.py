@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import tarfile
 import time
@@ -16,7 +17,7 @@ import brought
 import numpy as np
 import pytest
 from botocore.exceptions import ClientError
-from conftest import b64, copy_repository, picture, point_aws_at, sample_payload
+from conftest import b64, copy_repository, picture, point_aws_at, remove_bucket, sample_payload
 from PIL import Image
 
 from client import EndpointClient
@@ -28,6 +29,11 @@ from sdmme import repository
 
 BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
 FAST = json.dumps({"num_inference_steps": 2, "seed": 1})
+
+
+def make(folder):
+    folder.mkdir()
+    return folder
 
 
 def bad_archives(folder):
@@ -77,45 +83,49 @@ def oom_archive(folder, env_dir):
     return tarball.write(folder / "oom_model.tar.gz", members, "oom_model", compresslevel=1)
 
 
-def own_models(tmp_path_factory, env_dir):
+def own_models(folder, env_dir):
     """Two sd_base models as a user makes them: one from a single-file checkpoint, one with a LoRA."""
-    files = brought.write_all(tmp_path_factory.mktemp("brought"))
-    repo = copy_repository(tmp_path_factory.mktemp("own") / "model_repository")
+    files = brought.write_all(folder / "brought")
+    repo = copy_repository(folder / "own" / "model_repository")
     style = files / "style_sd2.safetensors"
     repository.add(repo, "my_style", "sd_base", str(style), config=str(files / "config"))
     repository.add(
         repo, "my_lora", "sd_base", str(files / "base"), lora=str(files / "lora" / "lora.safetensors")
     )
-    return package.package(repo, ["my_lora", "my_style"], tmp_path_factory.mktemp("own_dist"), env_dir)
+    return package.package(repo, ["my_lora", "my_style"], folder / "own_dist", env_dir)
 
 
 @pytest.fixture(scope="module")
 def mme(dist, packed_env, tiny_repository, moto_url, tmp_path_factory):
+    """The local MME over moto's S3; its archives (GBs) and their copies go when the module ends."""
+    work = tmp_path_factory.mktemp("mme_module")
     with pytest.MonkeyPatch.context() as patch:
         point_aws_at(moto_url, patch)
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket=BUCKET)
-        extra = bad_archives(tmp_path_factory.mktemp("bad"))
+        extra = bad_archives(make(work / "bad"))
         s3.upload_file(str(extra[0]), BUCKET, f"{PREFIX}/corrupt.tar.gz")
         s3.upload_file(str(extra[1]), BUCKET, f"{PREFIX}/traversal.tar.gz")
-        oom = oom_archive(tmp_path_factory.mktemp("oom"), packed_env[0])
+        oom = oom_archive(make(work / "oom"), packed_env[0])
         s3.upload_file(str(oom), BUCKET, f"{PREFIX}/oom_model.tar.gz")
-        ours = own_models(tmp_path_factory, packed_env[0])
+        ours = own_models(work, packed_env[0])
         upload.upload(s3, sorted(dist.glob("*.tar.gz")) + ours, BUCKET, PREFIX)
         # A slim archive: its environment is where an image of `make image` has it; here, env/sd_env/.
         slim = package.package(
             tiny_repository,
             ["sd_upscale"],
-            tmp_path_factory.mktemp("slim"),
+            work / "slim",
             packed_env[0],
             str(packed_env[0]),
         )
         upload.upload(s3, slim, BUCKET, f"{PREFIX}/slim")
-        root = tmp_path_factory.mktemp("mme")
+        root = make(work / "mme")
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
             endpoint.serve_in_background()
             endpoint.runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url)
             yield endpoint
+        remove_bucket(s3, BUCKET)
+    shutil.rmtree(work)
 
 
 def invoke(endpoint, target, **values):

@@ -83,7 +83,7 @@ def test_the_pins_resolve_for_the_image_python_exactly_as_locked():
 
 def test_make_env_rebuilds_when_its_settings_change(tmp_path):
     """The environment's rule depends on a file of its settings, rewritten only when one changes: a switch
-    of flavor or Python rebuilds it, the same settings again do not."""
+    of flavor or Python rebuilds it, the same settings again do not, nor TORCH for the gpu flavor."""
     makefile = (ROOT / "Makefile").read_text()
     rule = next(line for line in makefile.splitlines() if line.startswith("env/sd_env/sdmme-env.json:"))
     assert "env/sd_env.settings" in rule.split(":")[1]
@@ -100,5 +100,9 @@ def test_make_env_rebuilds_when_its_settings_change(tmp_path):
     old = 1_000_000_000 * 10**9
     os.utime(stamp, ns=(old, old))
     assert settings("ENV_FLAVOR=gpu", "ENV_PYTHON=python3.12") == (text, old)
+    assert settings("ENV_FLAVOR=gpu", "ENV_PYTHON=python3.12", "TORCH=torch==2.11.0") == (text, old)
     text, mtime = settings("ENV_FLAVOR=cpu", "ENV_PYTHON=python3.12")
-    assert "flavor=cpu" in text and mtime > old
+    assert "flavor=cpu" in text and "torch=" in text and mtime > old
+    os.utime(stamp, ns=(old, old))
+    text, mtime = settings("ENV_FLAVOR=cpu", "ENV_PYTHON=python3.12", "TORCH=torch==2.11.0")
+    assert "torch=torch==2.11.0" in text and mtime > old

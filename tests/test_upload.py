@@ -10,7 +10,7 @@ import tarfile
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
-from conftest import ROOT
+from conftest import ROOT, remove_bucket
 
 from deploy import tarball, upload
 
@@ -22,9 +22,7 @@ def s3(aws):
     client = upload.s3_client()  # picks AWS_ENDPOINT_URL up, as boto3 does
     client.create_bucket(Bucket=BUCKET)
     yield client
-    for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=obj["Key"])
-    client.delete_bucket(Bucket=BUCKET)
+    remove_bucket(client, BUCKET)
 
 
 def archive(path, model, payload: bytes):
