@@ -12,8 +12,11 @@ WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_reposit
 
 .PHONY: FORCE venv lock weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
 
+# TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/torch.setting: FORCE
+	@mkdir -p $(VENV) && echo '$(TORCH)' | cmp -s - $@ || echo '$(TORCH)' > $@
+$(VENV)/.installed: pyproject.toml $(VENV)/torch.setting
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)"

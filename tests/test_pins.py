@@ -106,3 +106,25 @@ def test_make_env_rebuilds_when_its_settings_change(tmp_path):
     os.utime(stamp, ns=(old, old))
     text, mtime = settings("ENV_FLAVOR=cpu", "ENV_PYTHON=python3.12", "TORCH=torch==2.11.0")
     assert "torch=torch==2.11.0" in text and mtime > old
+
+
+def test_make_venv_installs_the_torch_asked_for(tmp_path):
+    """`make venv TORCH=...` on an existing venv reinstalls: TORCH is a file the venv's rule depends on,
+    rewritten only when TORCH changes."""
+    makefile = (ROOT / "Makefile").read_text()
+    rule = next(line for line in makefile.splitlines() if line.startswith("$(VENV)/.installed:"))
+    assert "$(VENV)/torch.setting" in rule.split(":")[1]
+    stamp = tmp_path / ".venv" / "torch.setting"
+
+    def setting(torch):
+        make = ["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), ".venv/torch.setting"]
+        subprocess.run([*make, f"TORCH={torch}"], check=True, capture_output=True)
+        return stamp.read_text(), stamp.stat().st_mtime_ns
+
+    text, _ = setting("torch==2.13.0")
+    assert text == "torch==2.13.0\n"
+    old = 1_000_000_000 * 10**9
+    os.utime(stamp, ns=(old, old))
+    assert setting("torch==2.13.0") == (text, old)
+    text, mtime = setting("torch==2.11.0")
+    assert text == "torch==2.11.0\n" and mtime > old
