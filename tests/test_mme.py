@@ -53,7 +53,7 @@ backend: "python"
 max_batch_size: 8
 input [ { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] } ]
 output [ { name: "generated_image" data_type: TYPE_STRING dims: [ -1 ] } ]
-parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "$$TRITON_MODEL_DIRECTORY/sd_env" } }
+parameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "ENV_DIR" } }
 """
 # Runs out of memory on its first load only, as a model does when the GPU is full of other models.
 OOM_MODEL = """import os
@@ -77,10 +77,9 @@ class TritonPythonModel:
 def oom_archive(folder, env_dir):
     model = folder / "oom_model"
     (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text(OOM_CONFIG)
+    (model / "config.pbtxt").write_text(OOM_CONFIG.replace("ENV_DIR", str(env_dir)))
     (model / "1" / "model.py").write_text(OOM_MODEL)
-    members = [(model, "oom_model"), (env_dir, "oom_model/sd_env")]
-    return tarball.write(folder / "oom_model.tar.gz", members, "oom_model", compresslevel=1)
+    return tarball.write(folder / "oom_model.tar.gz", [(model, "oom_model")], "oom_model", compresslevel=1)
 
 
 def own_models(folder, env_dir):
@@ -92,12 +91,16 @@ def own_models(folder, env_dir):
     repository.add(
         repo, "my_lora", "sd_base", str(files / "base"), lora=str(files / "lora" / "lora.safetensors")
     )
-    return package.package(repo, ["my_lora", "my_style"], folder / "own_dist", env_dir)
+    return package.package(repo, ["my_lora", "my_style"], folder / "own_dist", env_dir, str(env_dir))
 
 
 @pytest.fixture(scope="module")
-def mme(dist, packed_env, tiny_repository, moto_url, tmp_path_factory):
-    """The local MME over moto's S3; its archives (GBs) and their copies go when the module ends."""
+def mme(packed_env, tiny_repository, moto_url, tmp_path_factory):
+    """The local MME over moto's S3, serving sd_base self-contained (`make package`'s default) and every
+    other archive slim, its environment at env/sd_env/ as an image of `make image` has it at its path.
+    One environment per archive would be GBs each in moto, the endpoint's cache and here (CI's disk ran
+    out); everything goes when the module ends."""
+    env = packed_env[0]
     work = tmp_path_factory.mktemp("mme_module")
     with pytest.MonkeyPatch.context() as patch:
         point_aws_at(moto_url, patch)
@@ -106,23 +109,19 @@ def mme(dist, packed_env, tiny_repository, moto_url, tmp_path_factory):
         extra = bad_archives(make(work / "bad"))
         s3.upload_file(str(extra[0]), BUCKET, f"{PREFIX}/corrupt.tar.gz")
         s3.upload_file(str(extra[1]), BUCKET, f"{PREFIX}/traversal.tar.gz")
-        oom = oom_archive(make(work / "oom"), packed_env[0])
+        oom = oom_archive(make(work / "oom"), env)
         s3.upload_file(str(oom), BUCKET, f"{PREFIX}/oom_model.tar.gz")
-        ours = own_models(work, packed_env[0])
-        upload.upload(s3, sorted(dist.glob("*.tar.gz")) + ours, BUCKET, PREFIX)
-        # A slim archive: its environment is where an image of `make image` has it; here, env/sd_env/.
-        slim = package.package(
-            tiny_repository,
-            ["sd_upscale"],
-            work / "slim",
-            packed_env[0],
-            str(packed_env[0]),
+        archives = package.package(tiny_repository, ["sd_base"], work / "bundled", env)
+        archives += package.package(
+            tiny_repository, ["sd_depth", "sd_inpaint", "sd_upscale"], work / "slim", env, str(env)
         )
-        upload.upload(s3, slim, BUCKET, f"{PREFIX}/slim")
+        archives += own_models(work, env)
+        upload.upload(s3, archives, BUCKET, PREFIX)
         root = make(work / "mme")
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
             endpoint.serve_in_background()
             endpoint.runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url)
+            endpoint.archives = {path.name: path for path in archives}
             yield endpoint
         remove_bucket(s3, BUCKET)
     shutil.rmtree(work)
@@ -350,7 +349,7 @@ def test_a_callers_text_cannot_turn_a_400_into_a_507(mme):
         )
 
 
-def test_target_model_is_validated_and_never_a_local_path(mme, dist, aws):
+def test_target_model_is_validated_and_never_a_local_path(mme, aws):
     before = sorted(p.name for p in mme.root.parent.iterdir())
     with pytest.raises(ClientError) as e:
         invoke(mme, "../../escape.tar.gz", prompt="a")
@@ -360,7 +359,8 @@ def test_target_model_is_validated_and_never_a_local_path(mme, dist, aws):
         invoke(mme, "x" * 1025, prompt="a")
     assert "failed to satisfy constraint" in e.value.response["Error"]["Message"]
     # nested names are keys under ModelDataUrl, as on SageMaker
-    boto3.client("s3").upload_file(str(dist / "sd_upscale.tar.gz"), BUCKET, f"{PREFIX}/nested/up.tar.gz")
+    up = str(mme.archives["sd_upscale.tar.gz"])
+    boto3.client("s3").upload_file(up, BUCKET, f"{PREFIX}/nested/up.tar.gz")
     assert invoke(mme, "nested/up.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args=FAST).size == (
         128,
         128,
@@ -409,9 +409,18 @@ def test_own_models_are_served_side_by_side_and_listed_with_their_kinds(mme, tmp
     assert Image.open(next(out.iterdir())).size == (64, 64)
 
 
-def test_a_slim_archive_serves_from_the_environment_at_its_fixed_path(mme):
+def test_self_contained_and_slim_archives_serve_side_by_side(mme):
+    """sd_base brings its environment; sd_upscale runs in the one at its fixed path (env/sd_env/ here)."""
+
+    def environment_inside(target):
+        with tarfile.open(mme.archives[target]) as tar:
+            return any(name.startswith(f"{target.split('.')[0]}/sd_env/") for name in tar.getnames())
+
+    assert environment_inside("sd_base.tar.gz") and not environment_inside("sd_upscale.tar.gz")
+    args = json.dumps({"height": 64, "width": 64, **json.loads(FAST)})
+    assert invoke(mme, "sd_base.tar.gz", prompt="a", gen_args=args).size == (64, 64)
     image = b64(picture(32, 32))
-    assert invoke(mme, "slim/sd_upscale.tar.gz", prompt="a", image=image, gen_args=FAST).size == (128, 128)
+    assert invoke(mme, "sd_upscale.tar.gz", prompt="a", image=image, gen_args=FAST).size == (128, 128)
 
 
 def test_concurrent_cold_loads_stay_within_the_limit(mme):
