@@ -18,7 +18,7 @@ def test_bench_gpu_refuses_without_a_gpu():
     assert "make bench-gpu needs a CUDA GPU and none is visible here" in result.stderr
 
 
-def device_script(step, tmp_path, args):
+def device_script(step, tmp_path, args, expect=0):
     """bench/device.sh as a lent GPU machine runs it, on this machine's Python and CPU."""
     environment = {
         **os.environ,
@@ -31,7 +31,7 @@ def device_script(step, tmp_path, args):
     result = subprocess.run(
         ["bash", str(ROOT / "bench" / "device.sh"), step], env=environment, capture_output=True, text=True
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-2000:]
     return result
 
 
@@ -67,6 +67,16 @@ def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
         assert f"| {model} | {request} px, 2 steps | 200 | 64x64 |" in report, report
     assert "| sd_upscale |" in result.stdout
     assert report.startswith("## Served by tritonserver, AWS sample payloads: CPU;")
+
+
+def test_serving_refuses_numpy_2_before_starting_tritonserver(tmp_path):
+    """The stub dies on the first BYTES input with numpy 2: a device whose numpy is 2 (no .whl carried on
+    that machine yet) is told so at once, not after minutes of loading."""
+    (tmp_path / "site" / "numpy").mkdir(parents=True)
+    (tmp_path / "site" / "numpy" / "__init__.py").write_text('__version__ = "2.1.3"\n')
+    result = device_script("serve", tmp_path, "--tiny", expect=2)
+    assert "numpy<2 is not installed" in result.stderr and "call 'run' with .whl first" in result.stderr
+    assert not (tmp_path / "served.md").exists()
 
 
 def test_make_bench_sections_against_a_real_server(server, tiny_repository):
