@@ -81,6 +81,22 @@ def test_the_pins_resolve_for_the_image_python_exactly_as_locked():
     assert resolved == lock.read()
 
 
+def test_make_lock_keeps_the_old_lock_when_the_pins_do_not_resolve(tmp_path, monkeypatch, capsys):
+    """An unresolvable env/serving.txt (here a version that does not exist) is an error that quotes pip,
+    and the lock file is left as it was."""
+    stale = tmp_path / "serving.lock"
+    stale.write_text("# the old lock\ndiffusers==0.42.1\n")
+    monkeypatch.setattr(build, "LOCK", stale)
+    monkeypatch.setattr(build, "requirements", lambda flavor, torch: ["diffusers==0.0.999"])
+    with pytest.raises(SystemExit) as e:
+        lock.main()
+    if "Could not find" not in str(e.value):
+        pytest.skip(f"the package registry did not answer ({str(e.value)[-300:]}); needs PyPI")
+    assert str(e.value).startswith("make lock: env/serving.txt does not resolve:")
+    assert "diffusers==0.0.999" in str(e.value)
+    assert stale.read_text() == "# the old lock\ndiffusers==0.42.1\n"
+
+
 def test_make_env_rebuilds_when_its_settings_change(tmp_path):
     """The environment's rule depends on a file of its settings, rewritten only when one changes: a switch
     of flavor or Python rebuilds it, the same settings again do not, nor TORCH for the gpu flavor."""
