@@ -3,24 +3,30 @@
 # tritonserver, no registry, 64 MiB carried per call and a short time (../shared/FACTS.md).
 #
 # Here (registry access), once:   bash bench/device.sh wheels
-#   .whl/: diffusers and numpy<2 (the Python backend stub needs it); .whl-triton/: nvidia-pytriton
-#   (tritonserver). Both git-ignored through .git/info/exclude. Too big for one call together.
-# There, two calls in a row (wheels installed by one stay in /tmp while the machine is warm):
+#   .whl/: every package of env/serving.lock but torch and what torch brings (the device's CUDA torch
+#   stays): the production versions of diffusers, transformers, huggingface_hub, numpy<2 (the backend stub
+#   needs it), ... (60 MB). .whl-triton/: nvidia-pytriton (tritonserver). Both git-ignored through
+#   .git/info/exclude. Too big for one call together.
+# There, two calls in a row (what one call installs stays in /tmp while the machine is warm):
 #   carry [".whl"]:         bash bench/device.sh run     make bench-gpu (full-size random weights)
 #   carry [".whl-triton"]:  bash bench/device.sh serve   the four models served by tritonserver, called
 #                                                        with the AWS sample's payloads (bench/served.py)
 #   Each writes its report and log under $OUT and prints rows as they are measured, so a run cut short
 #   keeps what it measured. BENCH_ARGS passes options (e.g. "--compile none --repeats 1"); BENCH_TIMEOUT
 #   (seconds, default 540) stops it inside a 600 s call.
+# Both run in a venv (DEVICE_VENV, /tmp/sdmme-venv by default) over DEVICE_PYTHON's packages, with the
+# carried wheels in front and this checkout importable. The backend stub ignores PYTHONPATH and imports
+# from the venv whose python3 is first on PATH, so the models see what the benchmark sees.
 # Without CUDA, DEVICE_PYTHON=.venv/bin/python and tiny settings in BENCH_ARGS run the same steps on CPU
-# (tests/test_bench.py, with DEVICE_WHEELS= empty: wheels fetched here are for the device's Python;
-# DEVICE_SITE: where wheels are installed, /tmp/sdmme-site by default).
+# (tests/test_bench.py, with DEVICE_WHEELS= empty: wheels fetched here are for the device's Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${DEVICE_PYTHON:-python3}
-site=${DEVICE_SITE:-/tmp/sdmme-site}
+venv=${DEVICE_VENV:-/tmp/sdmme-venv}
 carried=${DEVICE_WHEELS-.whl*/*.whl}  # the wheels a call carried (empty: none, as in the tests)
 out=${OUT:-out/device}
+# torch and what it brings: the device's own, never carried
+TORCH_AND_ITS_OWN='^(torch|triton|xformers|nvidia-[a-z0-9-]+|sympy|mpmath|networkx|jinja2|markupsafe|setuptools|typing_extensions|filelock|fsspec)=='
 
 download() {  # folder, requirements...
     local folder=$1
@@ -32,23 +38,32 @@ download() {  # folder, requirements...
 }
 
 install_carried() {
-    local wheels=""
+    if [ ! -x "$venv/bin/python" ]; then
+        "$python" -m venv --without-pip --system-site-packages "$venv"
+    fi
+    local site wheels=""
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    # this checkout, then DEVICE_PYTHON's own packages (a venv's too, which --system-site-packages misses)
+    { echo "$PWD"; "$python" -c 'import site; print("\n".join(site.getsitepackages()))'; } >"$site/sdmme.pth"
     [ -z "$carried" ] || wheels=$(compgen -G "$carried" || true)
     if [ -n "$wheels" ]; then
         # shellcheck disable=SC2086  # one word per wheel
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$site" $wheels
     fi
-    export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    python="$venv/bin/python"
+    export PYTHONUNBUFFERED=1
     mkdir -p "$out"
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee "$out/gpu.txt"
+    "$python" -c 'from importlib.metadata import version as v
+print(", ".join(f"{p} {v(p)}" for p in ("torch", "diffusers", "transformers", "huggingface_hub", "numpy")))' |
+        tee -a "$out/gpu.txt"
 }
-
-pin() { grep -E "^$1==" env/serving.txt | cut -d' ' -f1; }
 
 case "${1:-}" in
 wheels)
-    download .whl "$(pin diffusers)" "$(pin numpy)"
+    # shellcheck disable=SC2046  # one word per package
+    download .whl $(grep -v '^#' env/serving.lock | grep -v -E "$TORCH_AND_ITS_OWN")
     download .whl-triton "nvidia-pytriton==$("$python" -m pip show nvidia-pytriton | sed -n 's/^Version: //p')"
     du -sh .whl .whl-triton
     ;;
@@ -61,7 +76,7 @@ run)
 serve)
     install_carried
     "$python" -c "import numpy, sys; sys.exit(numpy.__version__ >= '2')" || {
-        echo "numpy<2 is not installed in $site (the stub crashes on BYTES with numpy 2): call 'run' with .whl first, on the same warm machine" >&2
+        echo "numpy<2 is not installed in $venv (the stub crashes on BYTES with numpy 2): call 'run' with .whl first, on the same warm machine" >&2
         exit 2
     }
     # shellcheck disable=SC2086

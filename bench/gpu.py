@@ -98,7 +98,6 @@ class Bench:
             result.peak_gb = torch.cuda.max_memory_allocated(self.device) / 1e9
         if first_call:
             result.compile_s = warm - median
-        print(result.row(), flush=True)
         return result
 
     def unet_flops(self, runner, job: batching.Job) -> float:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import zipfile
 
 from conftest import ROOT
 
@@ -18,14 +19,16 @@ def test_bench_gpu_refuses_without_a_gpu():
     assert "make bench-gpu needs a CUDA GPU and none is visible here" in result.stderr
 
 
-def device_script(step, tmp_path, args, expect=0):
-    """bench/device.sh as a lent GPU machine runs it, on this machine's Python and CPU."""
+def device_script(step, tmp_path, args, expect=0, wheels=""):
+    """bench/device.sh as a lent GPU machine runs it, on this machine's Python and CPU, in a venv over this
+    one's packages as there over the device's. By default no wheels: `device.sh wheels` may have fetched
+    some here, for the device's Python."""
     environment = {
         **os.environ,
         "OUT": str(tmp_path),
         "DEVICE_PYTHON": sys.executable,
-        "DEVICE_SITE": str(tmp_path / "site"),
-        "DEVICE_WHEELS": "",  # none: `device.sh wheels` may have fetched some here, for the device's Python
+        "DEVICE_VENV": str(tmp_path / "venv"),
+        "DEVICE_WHEELS": wheels,
         "BENCH_ARGS": args,
     }
     result = subprocess.run(
@@ -72,9 +75,16 @@ def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
 def test_serving_refuses_numpy_2_before_starting_tritonserver(tmp_path):
     """The stub dies on the first BYTES input with numpy 2: a device whose numpy is 2 (no .whl carried on
     that machine yet) is told so at once, not after minutes of loading."""
-    (tmp_path / "site" / "numpy").mkdir(parents=True)
-    (tmp_path / "site" / "numpy" / "__init__.py").write_text('__version__ = "2.1.3"\n')
-    result = device_script("serve", tmp_path, "--tiny", expect=2)
+    wheel = tmp_path / "numpy-2.1.3-py3-none-any.whl"  # what a call would carry, with only a version
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("numpy/__init__.py", '__version__ = "2.1.3"\n')
+        z.writestr("numpy-2.1.3.dist-info/METADATA", "Metadata-Version: 2.1\nName: numpy\nVersion: 2.1.3\n")
+        z.writestr(
+            "numpy-2.1.3.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        z.writestr("numpy-2.1.3.dist-info/RECORD", "")
+    result = device_script("serve", tmp_path, "--tiny", expect=2, wheels=str(wheel))
+    assert "numpy 2.1.3" in (tmp_path / "gpu.txt").read_text()
     assert "numpy<2 is not installed" in result.stderr and "call 'run' with .whl first" in result.stderr
     assert not (tmp_path / "served.md").exists()
 

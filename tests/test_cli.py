@@ -1,7 +1,10 @@
 """The command line against the real server: files written, every gen_args option exposed."""
 
+import subprocess
+import sys
+
 import pytest
-from conftest import picture
+from conftest import ROOT, picture
 from PIL import Image
 
 from client.cli import COMMANDS, build_parser, main
@@ -57,3 +60,20 @@ def test_inpaint_writes_files(server, tmp_path):
 def test_model_error_exit_code(server, tmp_path, capsys):
     code = main(["--url", server.url, "--out", str(tmp_path), "upscale", "--image", __file__])
     assert code == 1 and "image is not a PNG, JPEG or WebP image" in capsys.readouterr().err
+
+
+def test_building_requests_needs_neither_boto3_nor_tritonclient():
+    """bench/served.py builds and reads the AWS sample's bodies on a GPU machine without either library:
+    each transport's client imports its own only when named."""
+    code = """
+import sys
+sys.modules["boto3"] = sys.modules["tritonclient"] = None  # as if not installed
+from client.base import request_body
+assert request_body("a", None, {}, {"seed": 1})["inputs"][0]["data"] == ["a"]
+try:
+    from client import EndpointClient
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "boto3" in out.stdout
