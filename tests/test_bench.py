@@ -40,7 +40,8 @@ def device_script(step, tmp_path, args, expect=0, wheels=""):
 
 def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     """Through bench/device.sh, the one call a lent GPU machine gets, with the device and weights swapped."""
-    args = f"--device cpu --tiny --steps 2 --repeats 1 --compile none --weights-cache {tmp_path / 'weights'}"
+    weights = tmp_path / "weights"
+    args = f"--device cpu --tiny --steps 2 --repeats 1 --compile default --weights-cache {weights}"
     result = device_script("run", tmp_path, args)
     report = (tmp_path / "benchmarks.md").read_text()
     assert report.startswith("## make bench-gpu: CPU;") and "Weights: tiny." in report
@@ -58,7 +59,9 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
         "| sd_upscale 256->1024, VAE tiling |",
     ]:
         assert row in report, row
-    assert "Fastest: " in report
+    assert "Fastest without compile: " in report and "With compile: " in report
+    assert "+ compile (default) |" in report
+    assert "failed" not in report and "out of memory" not in report
 
 
 def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
