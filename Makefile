@@ -16,11 +16,11 @@ WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_reposit
 venv: $(VENV)/.installed
 $(VENV)/torch.setting: FORCE
 	@mkdir -p $(VENV) && echo '$(TORCH)' | cmp -s - $@ || echo '$(TORCH)' > $@
-$(VENV)/.installed: pyproject.toml $(VENV)/torch.setting
+$(VENV)/.installed: pyproject.toml env/dev.lock $(VENV)/torch.setting
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install "$(TORCH)" -c env/dev.lock
+	$(PY) -m pip install -e ".[dev]" -c env/dev.lock
 	touch $@
 
 weights: $(WEIGHT_FILES)
@@ -88,12 +88,13 @@ env/sd_env.settings: FORCE
 	@echo '$(ENV_SETTINGS)' | cmp -s - $@ || echo '$(ENV_SETTINGS)' > $@
 FORCE:
 
-# env/serving.lock: after a change to env/serving.txt, every dependency resolved again at an exact version
+# env/serving.lock and env/dev.lock: after a change to env/serving.txt or pyproject.toml's extras, every
+# dependency resolved again at an exact version
 lock: venv
-	$(PY) -m env.lock
+	$(PY) -m env.lock --torch "$(TORCH)"
 
 env: env/sd_env/sdmme-env.json
-env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt env/serving.lock $(wildcard sdmme/*.py) | $(VENV)/.installed
+env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt env/serving.lock env/dev.lock $(wildcard sdmme/*.py) | $(VENV)/.installed
 	$(PY) -m env --builder $(ENV_BUILDER) --flavor $(ENV_FLAVOR) --python "$(ENV_PYTHON)" --torch "$(TORCH)"
 
 # gzip level of the archives: 0 (stored) makes every cold load's extraction a copy (docs/benchmarks.md)

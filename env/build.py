@@ -52,6 +52,7 @@ def run(cmd: list, **kwargs) -> None:
 
 PINS = ROOT / "env" / "serving.txt"
 LOCK = ROOT / "env" / "serving.lock"  # every package of the gpu flavor, exactly (`make lock`, env/lock.py)
+DEV_LOCK = ROOT / "env" / "dev.lock"  # every package of `make venv` and of the cpu flavor, likewise
 GPU_ONLY = ("torch", "xformers")  # the cpu flavor takes TORCH's build instead, and no xformers
 _DESCRIBE = (
     "import json, sys, sysconfig; print(json.dumps({'version': '%d.%d' % sys.version_info[:2], "
@@ -78,9 +79,9 @@ def requirements(flavor: str, torch: str) -> list:
 
 
 def constraints(flavor: str) -> list:
-    """The gpu flavor installs with the lock: its dependencies too are the same on any day. The cpu flavor
-    (TORCH's build, another dependency set) follows the pins only."""
-    return ["-c", str(LOCK)] if flavor == "gpu" else []
+    """Each flavor installs with its lock, so its dependencies too are the same on any day: the gpu flavor
+    with production's, the cpu flavor (TORCH's build) with the dev venv's, which `make test` runs on."""
+    return ["-c", str(LOCK if flavor == "gpu" else DEV_LOCK)]
 
 
 def relocatable(dest: Path, interpreter: str, packages: list) -> str:

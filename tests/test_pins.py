@@ -62,7 +62,8 @@ def test_the_lock_holds_the_pins_and_the_builders_use_it():
     locked = lock.read()
     for name, line in PINNED.items():
         assert locked[name] == str(next(iter(Requirement(line).specifier)).version), name
-    assert build.constraints("gpu") == ["-c", str(build.LOCK)] and build.constraints("cpu") == []
+    assert build.constraints("gpu") == ["-c", str(build.LOCK)]
+    assert build.constraints("cpu") == ["-c", str(build.DEV_LOCK)]
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     assert "-c env/serving.lock" in pip
@@ -81,6 +82,42 @@ def test_the_pins_resolve_for_the_image_python_exactly_as_locked():
     assert resolved == lock.read()
 
 
+MAKEFILE_TORCH = re.search(r"^TORCH \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def comparable(versions):
+    """Less torch, and what only a CUDA build of it brings (a machine without the CPU wheel gets that)."""
+    cuda_only = re.compile(r"^(torch|triton|nvidia-.*)$")
+    return {name.replace("_", "-"): v for name, v in versions.items() if not cuda_only.match(name)}
+
+
+def test_this_venv_is_what_the_dev_lock_says():
+    """`make venv` installs with env/dev.lock: every package in it at the locked version (a venv made
+    before a `make lock` fails here: `make venv` installs again)."""
+    from importlib.metadata import version
+
+    locked = lock.read(build.DEV_LOCK)
+    assert {"diffusers", "moto", "pytest", "transformers"} <= set(locked) and "torch" not in locked
+    assert {name: version(name) for name in locked} == locked
+    for name, line in PINNED.items():  # the venv and the cpu env run the serving pins
+        if name not in build.GPU_ONLY:
+            assert locked[name] == str(next(iter(Requirement(line).specifier)).version), name
+
+
+def test_the_dev_extra_resolves_exactly_as_locked():
+    """As for production's lock: resolved again with env/dev.lock as constraints, pyproject.toml's dev
+    extra gives the lock, nothing more or less (after a change to the extras: `make lock`)."""
+    try:
+        resolved = lock.resolve(
+            lock.dev_requirements(MAKEFILE_TORCH), lock.this_python(), constraints=build.DEV_LOCK
+        )
+    except lock.ResolveError as e:
+        if not e.registry:
+            pytest.skip(f"the package registry did not answer (pip: {str(e)[-300:]}); needs PyPI")
+        pytest.fail(f"the dev extra does not resolve with env/dev.lock:\n{e}")
+    assert comparable(resolved) == comparable(lock.read(build.DEV_LOCK))
+
+
 def test_make_lock_keeps_the_old_lock_when_the_pins_do_not_resolve(tmp_path, monkeypatch, capsys):
     """An unresolvable env/serving.txt (here a version that does not exist) is an error that quotes pip,
     and the lock file is left as it was."""
@@ -89,7 +126,7 @@ def test_make_lock_keeps_the_old_lock_when_the_pins_do_not_resolve(tmp_path, mon
     monkeypatch.setattr(build, "LOCK", stale)
     monkeypatch.setattr(build, "requirements", lambda flavor, torch: ["diffusers==0.0.999"])
     with pytest.raises(SystemExit) as e:
-        lock.main()
+        lock.main([])
     if "Could not find" not in str(e.value):
         pytest.skip(f"the package registry did not answer ({str(e.value)[-300:]}); needs PyPI")
     assert str(e.value).startswith("make lock: env/serving.txt does not resolve:")
