@@ -28,9 +28,10 @@ out=${OUT:-out/device}
 # torch and what it brings: the device's own, never carried
 TORCH_AND_ITS_OWN='^(torch|triton|xformers|nvidia-[a-z0-9-]+|sympy|mpmath|networkx|jinja2|markupsafe|setuptools|typing_extensions|filelock|fsspec)=='
 
-download() {  # folder, requirements...
+download() {  # folder, requirements... (the folder holds exactly these: a call installs all it carries)
     local folder=$1
     shift
+    rm -rf "$folder"
     grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >>.git/info/exclude
     "$python" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
