@@ -228,13 +228,18 @@ def run(bench: Bench, steps: int, compile_mode: str, upscale_sides: List[int]) -
             attempt(label, "sd_upscale", settings, [job("sd_upscale", steps, side)])
     unload()
     for tiling in (False, True):
-        side = largest_upscale_input(bench, replace(best_settings, vae_tiling=tiling), upscale_sides)
+        within = f"within {A10G_BYTES / 2**30:.0f} GiB (A10G, ml.g5.xlarge)"
+        within += ", VAE tiling" if tiling else ""
+        try:
+            side = largest_upscale_input(bench, replace(best_settings, vae_tiling=tiling), upscale_sides)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"[:200]
+            lines.append(f"\nLargest `sd_upscale` input {within}: failed ({error}).")
+            pipelines.free_memory(bench.device)
+            continue
         if side is not None:
             tried = ", ".join(map(str, upscale_sides))
-            lines.append(
-                f"\nLargest `sd_upscale` input within {A10G_BYTES / 2**30:.0f} GiB (A10G, ml.g5.xlarge)"
-                f"{' with VAE tiling' if tiling else ''}: {side}x{side} (sides tried: {tried})."
-            )
+            lines.append(f"\nLargest `sd_upscale` input {within}: {side}x{side} (sides tried: {tried}).")
 
     if compile_mode != "none":
         label = f"{best_label} + compile ({compile_mode})"
