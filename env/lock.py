@@ -95,8 +95,13 @@ def dev_requirements(torch: str) -> List[str]:
 
 
 def write(path: Path, header: str, versions: Dict[str, str], leave_out=()) -> None:
+    """Only a change is written: what depends on the lock (the venv, make env) is rebuilt only then."""
     lines = [f"{name}=={version}" for name, version in sorted(versions.items()) if name not in leave_out]
-    path.write_text(header + "\n".join(lines) + "\n")
+    text = header + "\n".join(lines) + "\n"
+    if path.exists() and path.read_text() == text:
+        print(f"{path}: unchanged ({len(lines)} packages)", file=sys.stderr)
+        return
+    path.write_text(text)
     print(f"wrote {path} ({len(lines)} packages)", file=sys.stderr)
 
 

@@ -134,6 +134,19 @@ def test_make_lock_keeps_the_old_lock_when_the_pins_do_not_resolve(tmp_path, mon
     assert stale.read_text() == "# the old lock\ndiffusers==0.42.1\n"
 
 
+def test_make_lock_rewrites_a_lock_only_when_it_changes(tmp_path):
+    """The venv and make env depend on the locks: an unchanged resolution leaves the file untouched."""
+    path = tmp_path / "dev.lock"
+    lock.write(path, "# header\n", {"b": "2", "a": "1", "torch": "9"}, leave_out=("torch",))
+    assert path.read_text() == "# header\na==1\nb==2\n"
+    old = 1_000_000_000 * 10**9
+    os.utime(path, ns=(old, old))
+    lock.write(path, "# header\n", {"a": "1", "b": "2"})
+    assert path.stat().st_mtime_ns == old
+    lock.write(path, "# header\n", {"a": "1", "b": "3"})
+    assert path.read_text().endswith("b==3\n") and path.stat().st_mtime_ns > old
+
+
 def test_make_env_rebuilds_when_its_settings_change(tmp_path):
     """The environment's rule depends on a file of its settings, rewritten only when one changes: a switch
     of flavor or Python rebuilds it, the same settings again do not, nor TORCH for the gpu flavor."""
