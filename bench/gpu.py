@@ -119,7 +119,7 @@ def job(model: str, steps: int, side: int, seed: int = 0) -> batching.Job:
     return request
 
 
-def settings_to_compare(device: torch.device) -> Dict[str, pipelines.Settings]:
+def settings_to_compare() -> Dict[str, pipelines.Settings]:
     """The eager settings, each adding one option; compile is measured last, on the fastest of them."""
     base = pipelines.Settings(dtype="float16")
     variants = {"SDPA": base}
@@ -204,7 +204,7 @@ def run(bench: Bench, steps: int, compile_mode: str, upscale_sides: List[int]) -
     lines += [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, fp16:", "", HEADER]
     base_job = job("sd_base", steps, 512)
     results = {}
-    for label, settings in settings_to_compare(bench.device).items():
+    for label, settings in settings_to_compare().items():
         result = attempt(label, "sd_base", settings, [base_job])
         if result is not None:
             results[label] = (result, settings)

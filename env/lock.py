@@ -87,7 +87,7 @@ def this_python() -> str:
 
 def dev_requirements(torch: str) -> List[str]:
     """pyproject.toml's dev extra (its runtime one inlined), with serving.txt's pins and TORCH."""
-    import tomllib
+    import tomllib  # Python 3.11+, as the venv that runs `make lock`; the package itself allows older
 
     extras = tomllib.loads((build.ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     dev = [r for r in extras["dev"] if not r.startswith("sdmme[")]
@@ -118,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--torch", default="torch==2.13.0", help="TORCH of the Makefile")
+    parser.add_argument("--torch", required=True, help="the Makefile's TORCH (torch of the dev lock)")
     args = parser.parse_args(argv)
     python = containers.python_for(containers.DEFAULT_TAG)
     print(f"resolving {build.PINS.name} for Python {python} (pip, dry run)", file=sys.stderr, flush=True)

@@ -118,20 +118,28 @@ def test_the_dev_extra_resolves_exactly_as_locked():
     assert comparable(resolved) == comparable(lock.read(build.DEV_LOCK))
 
 
-def test_make_lock_keeps_the_old_lock_when_the_pins_do_not_resolve(tmp_path, monkeypatch, capsys):
-    """An unresolvable env/serving.txt (here a version that does not exist) is an error that quotes pip,
-    and the lock file is left as it was."""
-    stale = tmp_path / "serving.lock"
-    stale.write_text("# the old lock\ndiffusers==0.42.1\n")
-    monkeypatch.setattr(build, "LOCK", stale)
-    monkeypatch.setattr(build, "requirements", lambda flavor, torch: ["diffusers==0.0.999"])
+@pytest.mark.parametrize(
+    ("failing", "message"),
+    [("gpu", "env/serving.txt does not resolve"), ("dev", "pyproject.toml's dev extra does not resolve")],
+)
+def test_make_lock_keeps_both_locks_when_a_resolution_fails(tmp_path, monkeypatch, failing, message):
+    """A set that does not resolve (here a version that does not exist) is an error that quotes pip, and
+    neither lock is written: both are resolved before either is."""
+    locks = {"LOCK": tmp_path / "serving.lock", "DEV_LOCK": tmp_path / "dev.lock"}
+    for name, path in locks.items():
+        path.write_text(f"# the old {name}\nsix==1.16.0\n")
+        monkeypatch.setattr(build, name, path)
+    missing, fine = ["diffusers==0.0.999"], ["six==1.16.0"]
+    monkeypatch.setattr(build, "requirements", lambda flavor, torch: missing if failing == "gpu" else fine)
+    monkeypatch.setattr(lock, "dev_requirements", lambda torch: missing if failing == "dev" else fine)
     with pytest.raises(SystemExit) as e:
-        lock.main([])
+        lock.main(["--torch", MAKEFILE_TORCH])
     if "Could not find" not in str(e.value):
         pytest.skip(f"the package registry did not answer ({str(e.value)[-300:]}); needs PyPI")
-    assert str(e.value).startswith("make lock: env/serving.txt does not resolve:")
-    assert "diffusers==0.0.999" in str(e.value)
-    assert stale.read_text() == "# the old lock\ndiffusers==0.42.1\n"
+    assert str(e.value).startswith(f"make lock: {message}:") and "diffusers==0.0.999" in str(e.value)
+    assert {name: path.read_text() for name, path in locks.items()} == {
+        name: f"# the old {name}\nsix==1.16.0\n" for name in locks
+    }
 
 
 def test_make_lock_rewrites_a_lock_only_when_it_changes(tmp_path):
