@@ -14,9 +14,10 @@
 #   Each writes its report and log under $OUT and prints rows as they are measured, so a run cut short
 #   keeps what it measured. BENCH_ARGS passes options (e.g. "--compile none --repeats 1"); BENCH_TIMEOUT
 #   (seconds, default 540) stops it inside a 600 s call.
-# Both run in a venv (DEVICE_VENV, /tmp/sdmme-venv by default) over DEVICE_PYTHON's packages, with the
-# carried wheels in front and this checkout importable. The backend stub ignores PYTHONPATH and imports
-# from the venv whose python3 is first on PATH, so the models see what the benchmark sees.
+# Both run in a venv (DEVICE_VENV, /tmp/sdmme-venv by default): the carried wheels, this checkout, and
+# from DEVICE_PYTHON only what the lock names and no wheel brought, i.e. torch and its own
+# (bench/device_site.py; the device's other packages expect its numpy 2). The backend stub ignores
+# PYTHONPATH and imports from the venv whose python3 is first on PATH: the models see what the bench sees.
 # Without CUDA, DEVICE_PYTHON=.venv/bin/python and tiny settings in BENCH_ARGS run the same steps on CPU
 # (tests/test_bench.py, with DEVICE_WHEELS= empty: wheels fetched here are for the device's Python).
 set -euo pipefail
@@ -40,18 +41,20 @@ download() {  # folder, requirements... (the folder holds exactly these: a call 
 
 install_carried() {
     if [ ! -x "$venv/bin/python" ]; then
-        "$python" -m venv --without-pip --system-site-packages "$venv"
+        "$python" -m venv --without-pip "$venv"
     fi
     local site wheels=""
     site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-    # this checkout, then DEVICE_PYTHON's own packages (a venv's too, which --system-site-packages misses)
-    { echo "$PWD"; "$python" -c 'import site; print("\n".join(site.getsitepackages()))'; } >"$site/sdmme.pth"
     [ -z "$carried" ] || wheels=$(compgen -G "$carried" || true)
     if [ -n "$wheels" ]; then
         # shellcheck disable=SC2086  # one word per wheel
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$site" $wheels
     fi
+    # this checkout, then what the venv lacks of the lock from DEVICE_PYTHON (torch and its own), only that
+    rm -rf "$venv/device-site"
+    "$python" -m bench.device_site env/serving.lock "$site" "$venv/device-site"
+    printf '%s\n' "$PWD" "$venv/device-site" >"$site/sdmme.pth"
     python="$venv/bin/python"
     export PYTHONUNBUFFERED=1
     mkdir -p "$out"
@@ -67,6 +70,9 @@ wheels)
     download .whl $(grep -v '^#' env/serving.lock | grep -v -E "$TORCH_AND_ITS_OWN")
     download .whl-triton "nvidia-pytriton==$("$python" -m pip show nvidia-pytriton | sed -n 's/^Version: //p')"
     du -sh .whl .whl-triton
+    ;;
+venv)
+    install_carried  # only the venv (tests/test_bench.py)
     ;;
 run)
     install_carried
@@ -85,7 +91,7 @@ serve)
         --repository /tmp/sdmme-weights ${BENCH_ARGS:-} 2>&1 | tee "$out/served.log"
     ;;
 *)
-    echo "usage: bash bench/device.sh wheels|run|serve" >&2
+    echo "usage: bash bench/device.sh wheels|venv|run|serve" >&2
     exit 2
     ;;
 esac

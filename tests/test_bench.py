@@ -75,21 +75,46 @@ def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
     assert report.startswith("## Served by tritonserver, AWS sample payloads: CPU;")
 
 
+def numpy_wheel(tmp_path, version):
+    """A wheel such as a call would carry, holding only numpy's version."""
+    wheel = tmp_path / f"numpy-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("numpy/__init__.py", f'__version__ = "{version}"\n')
+        info = f"numpy-{version}.dist-info"
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: numpy\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
 def test_serving_refuses_numpy_2_before_starting_tritonserver(tmp_path):
     """The stub dies on the first BYTES input with numpy 2: a device whose numpy is 2 (no .whl carried on
     that machine yet) is told so at once, not after minutes of loading."""
-    wheel = tmp_path / "numpy-2.1.3-py3-none-any.whl"  # what a call would carry, with only a version
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("numpy/__init__.py", '__version__ = "2.1.3"\n')
-        z.writestr("numpy-2.1.3.dist-info/METADATA", "Metadata-Version: 2.1\nName: numpy\nVersion: 2.1.3\n")
-        z.writestr(
-            "numpy-2.1.3.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        )
-        z.writestr("numpy-2.1.3.dist-info/RECORD", "")
-    result = device_script("serve", tmp_path, "--tiny", expect=2, wheels=str(wheel))
+    result = device_script("serve", tmp_path, "--tiny", expect=2, wheels=str(numpy_wheel(tmp_path, "2.1.3")))
     assert "numpy 2.1.3" in (tmp_path / "gpu.txt").read_text()
     assert "numpy<2 is not installed" in result.stderr and "call 'run' with .whl first" in result.stderr
     assert not (tmp_path / "served.md").exists()
+
+
+def test_the_device_venv_sees_the_carried_wheels_the_lock_and_nothing_else(tmp_path):
+    """The first GPU call died at import: the device's scipy (built for its numpy 2) was visible and
+    transformers imports scipy when it finds one. The venv now takes from the device's Python only what
+    env/serving.lock names and no wheel brought (torch and its own); here, the dev venv plays the device."""
+    result = device_script("venv", tmp_path, "", wheels=str(numpy_wheel(tmp_path, "1.99.0")))
+    assert "found neither carried nor there: " in result.stdout  # the lock's xformers, CUDA 12 libraries
+    python = tmp_path / "venv" / "bin" / "python"
+    probe = (  # numpy is a stub with a version: find the others, don't import them
+        "import importlib.util as u, numpy\n"
+        "print(numpy.__version__, u.find_spec('torch').origin, u.find_spec('diffusers').origin)\n"
+        "print([m for m in ('pytest', 'boto3', 'moto', 'ruff') if u.find_spec(m)])"
+    )
+    seen = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout
+    seen = seen.splitlines()
+    version, torch_file, diffusers_file = seen[0].split()
+    site = tmp_path / "venv" / "device-site"
+    assert version == "1.99.0" and not (site / "numpy").exists()  # the carried wheel, not the device's
+    assert torch_file == str(site / "torch" / "__init__.py") and diffusers_file.startswith(str(site))
+    assert seen[1] == "[]"  # the dev venv has all four; the lock names none
 
 
 def test_make_bench_sections_against_a_real_server(server, tiny_repository):
