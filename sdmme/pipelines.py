@@ -42,7 +42,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 CHOICES = {
     "dtype": ("auto", *DTYPES),
     "attention": ("sdpa", "xformers"),
-    "compile": ("none", "default", "max-autotune"),
+    "compile": ("none", "default", "reduce-overhead", "max-autotune"),
 }
 # Parameters in a config.pbtxt that are not these settings: Triton's, and the model's kind.
 OTHER_PARAMETERS = ("EXECUTION_ENV_PATH", KIND_PARAMETER)
