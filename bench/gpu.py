@@ -55,7 +55,7 @@ class Result:
             f"{self.seconds:.3f}",
             f"{self.steps / self.seconds:.1f}",
             f"{self.images / self.seconds:.2f}",
-            "" if self.tflops is None else f"{self.tflops:.0f}",
+            "" if self.tflops is None else f"{self.tflops:.3g}",
             "" if self.peak_gb is None else f"{self.peak_gb:.1f}",
             "" if self.compile_s is None else f"{self.compile_s:.0f}",
         ]
@@ -105,7 +105,7 @@ class Bench:
         return result
 
     def unet_flops(self, runner, job: batching.Job) -> float:
-        """FLOPs of the denoising loop: one guided UNet call (batch 2) counted, times the steps."""
+        """FLOPs of one image's denoising loop: one guided UNet call (batch 2) counted, times the steps."""
         from torch.utils.flop_counter import FlopCounterMode
 
         unet = runner.pipeline.unet
@@ -217,7 +217,8 @@ def run(
             runner = loaded[model, settings]
             result = bench.measure(label, runner, jobs, steps, first_call=first_call)
             if model == "sd_base":
-                result.tflops = bench.unet_flops(runner, jobs[0]) / result.seconds / 1e12
+                flops = bench.unet_flops(runner, jobs[0]) * result.images  # the jobs are all alike
+                result.tflops = flops / result.seconds / 1e12
             (lines.append if show else print)(result.row())
             return result
         except Exception as e:

@@ -57,9 +57,11 @@ class Settings:
     """How a pipeline is set up for speed, and the time a request may take; config.pbtxt `parameters` of
     the same names override them.
 
-    The GPU defaults are meant to be the fastest settings that cost no cold-start time and change no
-    output beyond rounding, as measured by `make bench-gpu` (docs/benchmarks.md). Until it has run on a
-    GPU they follow published numbers: SDPA is as fast as xformers or faster on torch 2.
+    The GPU defaults are the fastest settings that cost no cold-start time and change no output beyond
+    rounding, as measured by `make bench-gpu` (docs/benchmarks.md): on an H100 the eager UNet is bound
+    by kernel launches, and neither channels_last nor fused QKV was faster beyond run-to-run noise, so
+    the defaults stay plain SDPA. Only compile (CUDA graphs above all) removes that bound, at a cost
+    in cold start, so it stays an option.
     """
 
     dtype: str = _setting("auto", "Weights and activations; auto: float16 on GPU, float32 on CPU.")
@@ -68,7 +70,11 @@ class Settings:
     fuse_qkv: bool = _setting(
         False, "One projection matmul for q, k, v (k, v in cross-attention); SDPA only."
     )
-    compile: str = _setting("none", "torch.compile the UNet at load, warmed up there: minutes of cold start.")
+    compile: str = _setting(
+        "none",
+        "torch.compile the UNet at load, warmed up there: a minute or more of cold start. "
+        "reduce-overhead (CUDA graphs) is the fastest on GPU.",
+    )
     vae_slicing: bool = _setting(True, "Decode a batch one image at a time, so large batches fit in memory.")
     vae_tiling: bool = _setting(
         False, "Decode in overlapping tiles, so large outputs (upscaler) fit in memory."

@@ -62,6 +62,12 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     assert "Fastest without compile: " in report and "With compile: " in report
     assert "+ compile (default) |" in report
     assert "failed" not in report and "out of memory" not in report
+    # TFLOP/s counts every image of a batch: the FLOPs per image (TFLOP/s x latency / n) agree
+    per_image = []
+    for n in (1, 4, 8):
+        cells = next(line for line in report.splitlines() if line.startswith(f"| batch {n} |")).split("|")
+        per_image.append(float(cells[5]) * float(cells[2]) / n)
+    assert max(per_image) < 1.1 * min(per_image), per_image
 
 
 def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):

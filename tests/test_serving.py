@@ -143,8 +143,8 @@ BAD_INPUTS = [
     ("sd_depth", {"image": b64(b"plain text, not an image")}, "image is not a PNG, JPEG or WebP image"),
     (
         "sd_upscale",
-        {"image": b64(picture(300, 300))},
-        "image is 300x300 (90000 pixels); this model accepts at most 65536",
+        {"image": b64(picture(520, 520))},
+        "image is 520x520 (270400 pixels); this model accepts at most 262144",
     ),
     ("sd_depth", {"image": b64(picture(8, 64))}, "both sides must be at least 16"),  # tiny UNet: 2 levels
     (
