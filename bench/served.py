@@ -3,8 +3,9 @@ them: each input a BYTES tensor of shape [1, 1] in a JSON body, `generated_image
 
 What a GPU instance behind the MME does, minus SageMaker: one server with all four models at full size
 (random weights from the published configs, or `--tiny`), a first call per model (its kernels warm up)
-and then `--repeats` timed calls. Prints a markdown table and appends it to `--out`. Run on a GPU
-machine by `bash bench/device.sh serve`; `--tiny --side 64 --steps 2` runs it on CPU (tests).
+and then `--repeats` timed calls; `--set` gives every model a speed setting (a config.pbtxt parameter,
+e.g. compile=reduce-overhead). Prints a markdown table and appends it to `--out`. Run on a GPU machine
+by `bash bench/device.sh serve`; `--tiny --side 64 --steps 2` runs it on CPU (tests).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from PIL import Image
 
@@ -32,12 +33,17 @@ from sdmme.spec import MODELS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def repository(dest: Path, tiny: bool) -> Path:
-    """The four models as model_repository/ has them, with weights built in place (kept between runs)."""
+def repository(dest: Path, tiny: bool, settings: Dict[str, str]) -> Path:
+    """The four models as model_repository/ has them, with weights built in place (kept between runs) and
+    `settings` as config.pbtxt parameters (sdmme.pipelines.Settings: e.g. compile inside tritonserver)."""
+    extra = "".join(
+        f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in settings.items()
+    )
     for model in MODELS:
         folder = dest / model
         (folder / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / "model_repository" / model / "config.pbtxt", folder / "config.pbtxt")
+        config = (ROOT / "model_repository" / model / "config.pbtxt").read_text()
+        (folder / "config.pbtxt").write_text(config + extra)
         shutil.copy2(ROOT / "model_repository" / model / "1" / "model.py", folder / "1" / "model.py")
         weights.fill(dest, model, "tiny" if tiny else "full")
     return dest
@@ -86,8 +92,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="a speed setting for every model"
+    )
     args = parser.parse_args(argv)
-    repo = repository(args.repository, args.tiny)
+    settings = dict(item.split("=", 1) for item in args.set)
+    repo = repository(args.repository, args.tiny, settings)
     log_file = args.out.with_name("tritonserver.log")
     rows, failed = [], False
     started = time.monotonic()
@@ -114,8 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = [
         f"## Served by tritonserver, AWS sample payloads: {device}; {datetime.date.today().isoformat()}",
         "",
-        f"{'Tiny' if args.tiny else 'Full-size random'} weights; one server, the four models; HTTP JSON, "
-        f"first call apart, then the median of {args.repeats}.",
+        f"{'Tiny' if args.tiny else 'Full-size random'} weights; one server, the four models; settings: "
+        f"{', '.join(f'{k}={v}' for k, v in settings.items()) or 'the defaults'}; HTTP JSON, first call "
+        f"apart, then the median of {args.repeats}.",
         "",
         "| model | request | status | output | first call | median |",
         "|---|---|---|---|---|---|",

@@ -1,6 +1,7 @@
 """The benchmarks the repo runs: bench-gpu refuses without a GPU and its code runs on CPU (tiny weights)."""
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -72,9 +73,15 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
 
 def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
     """bench/device.sh serve: one tritonserver with the four models, each called as the AWS sample calls."""
-    args = f"--tiny --side 64 --steps 2 --repeats 1 --repository {tmp_path / 'repository'}"
+    args = (
+        f"--tiny --side 64 --steps 2 --repeats 1 --repository {tmp_path / 'repository'} --set fuse_qkv=true"
+    )
     result = device_script("serve", tmp_path, args)
     report = (tmp_path / "served.md").read_text()
+    assert "settings: fuse_qkv=true;" in report
+    log = (tmp_path / "tritonserver.log").read_text()
+    for model in ("sd_base", "sd_depth", "sd_inpaint", "sd_upscale"):  # --set reached every model's load
+        assert re.search(rf"{model}: loaded .*attention: sdpa, fused qkv", log), model
     for model, request in [("sd_base", 64), ("sd_depth", 64), ("sd_inpaint", 64), ("sd_upscale", 16)]:
         assert f"| {model} | {request} px, 2 steps | 200 | 64x64 |" in report, report
     assert "| sd_upscale |" in result.stdout
