@@ -4,10 +4,11 @@ Measures, in one run, and appends to docs/benchmarks.md with the GPU, versions a
 - SD 2.1-base, 512x512, 50 steps, batch 1: latency, it/s and achieved TFLOP/s for each eager setting
   (SDPA, xformers when installed, + channels_last, + fused QKV), in interleaved rounds;
 - images/s at batch 1, 4 and 8 with the fastest of them, and peak GPU memory;
+- each scheduler (gen_args.scheduler) with it: the default, PNDM, syncs with the GPU at every step;
 - depth and inpaint at 512x512; the upscaler at 128->512 and 256->1024 with and without VAE tiling;
 - the largest upscaler input that fits in the memory of the default instance's GPU (A10G, 24 GB);
 - last, the fastest setting + torch.compile, whose compile time is reported apart.
-`--skip` leaves out batching, the other models or the upscaler's limit (a short lease).
+`--skip` leaves out batching, the schedulers, the other models or the upscaler's limit (a short lease).
 
 Weights: the model_repository's when they came from the hub, else full-size random weights built,
 when first needed, from the published configs (same shapes, so the same speed and memory). Without a
@@ -32,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from sdmme import batching, pipelines, weights
-from sdmme.spec import MODELS
+from sdmme.spec import MODELS, SCHEDULERS
 
 ROOT = Path(__file__).resolve().parent.parent
 A10G_BYTES = 22 * 2**30  # an A10G's 24 GB less the CUDA context and the allocator's slack
@@ -177,7 +178,8 @@ class Report(list):
         return self
 
 
-SECTIONS = ("batching", "models", "upscale-limit")  # what --skip can leave out; settings and compile stay
+# what --skip can leave out; the settings and compile stay
+SECTIONS = ("batching", "schedulers", "models", "upscale-limit")
 
 
 def merged(results: List[Result]) -> Result:
@@ -253,6 +255,15 @@ def run(
         for n in (1, 4, 8):
             jobs = [replace(job("sd_base", steps, 512, seed=i), index=i) for i in range(n)]
             attempt(f"batch {n}", "sd_base", best_settings, jobs)
+        lines.append("")
+
+    if "schedulers" not in skip:
+        # PNDM, the SD 2 default, reads a GPU tensor on the host at every step (`prev_timestep >= 0`),
+        # so the CPU waits for each UNet call before it queues the next; Euler keeps its sigmas on the CPU.
+        lines += [f"Schedulers (gen_args.scheduler) with {best_label}, {steps} steps:", "", HEADER]
+        for name in (n for n in SCHEDULERS if n != "default"):  # the model's own is one of these
+            scheduled = replace(base_job, args={**base_job.args, "scheduler": name})
+            attempt(f"scheduler {name}", "sd_base", best_settings, [scheduled])
         lines.append("")
 
     if "models" not in skip:
