@@ -3,9 +3,10 @@ them: each input a BYTES tensor of shape [1, 1] in a JSON body, `generated_image
 
 What a GPU instance behind the MME does, minus SageMaker: one server with all four models at full size
 (random weights from the published configs, or `--tiny`), a first call per model (its kernels warm up)
-and then `--repeats` timed calls; `--set` gives every model a speed setting (a config.pbtxt parameter,
-e.g. compile=reduce-overhead). Prints a markdown table and appends it to `--out`. Run on a GPU machine
-by `bash bench/device.sh serve`; `--tiny --side 64 --steps 2` runs it on CPU (tests).
+and then `--repeats` timed calls; then `make bench`'s serving overhead for sd_base (the same request
+in-process and served). `--set` gives every model a speed setting (a config.pbtxt parameter, e.g.
+compile=reduce-overhead). Prints a markdown table and appends it to `--out`. Run on a GPU machine by
+`bash bench/device.sh serve`; `--tiny --side 64 --steps 2` runs it on CPU (tests).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
 from PIL import Image
 
+from bench import serving
 from client.base import images_from_response, request_body
 from deploy.tritonserver import TritonServer
 from sdmme import weights
@@ -118,7 +121,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             print(row, flush=True)
             rows.append(row)
-    import torch
+        # the same sd_base request in-process (on the device the server's instance has) and served
+        kind = "GPU" if torch.cuda.is_available() else "CPU"
+        overhead = serving.overhead(server, repo, args.steps, args.side, args.repeats, kind, settings)
+        print("\n".join(overhead), flush=True)
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     report = [
@@ -131,6 +137,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "| model | request | status | output | first call | median |",
         "|---|---|---|---|---|---|",
         *rows,
+        "",
+        "```",
+        *overhead,
+        "```",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -69,10 +70,15 @@ def counted(url: str, model: str, before: dict, requests: int, timeout: float = 
         time.sleep(0.05)
 
 
-def in_process(repository: Path, request: dict, repeats: int) -> float:
-    """The runtime without Triton: parse, one pipeline call, encode, as execute() does them."""
+def in_process(
+    repository: Path, request: dict, repeats: int, kind: str = "CPU", parameters: Optional[dict] = None
+) -> float:
+    """The runtime without Triton: parse, one pipeline call, encode, as execute() does them, on the
+    device and with the settings a Triton instance of `kind` (CPU, GPU) with these config.pbtxt
+    `parameters` gets."""
     spec = MODELS["sd_base"]
-    device, settings = pipelines.device_for("CPU", "0")
+    device, defaults = pipelines.device_for(kind, "0")
+    settings = pipelines.Settings.from_parameters(parameters or {}, defaults)
     runner = pipelines.Runner(
         pipelines.load(spec, weights.weights_dir(repository, "sd_base"), device, settings)
     )
@@ -91,14 +97,26 @@ def in_process(repository: Path, request: dict, repeats: int) -> float:
     return statistics.median(once() for _ in range(repeats))
 
 
-def in_process_like_a_model(repository: Path, request: dict, repeats: int) -> float:
+def in_process_like_a_model(
+    repository: Path, request: dict, repeats: int, kind: str, parameters: dict
+) -> float:
     """`in_process` in a child process set up as a model process is (its OpenMP policy)."""
     code = "import json, sys; from pathlib import Path; from bench.serving import in_process; " + (
-        "print(in_process(Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])))"
+        "print(in_process(Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], "
+        "json.loads(sys.argv[5])))"
     )
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY))
     result = subprocess.run(
-        [sys.executable, "-c", code, str(repository), json.dumps(request), str(repeats)],
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(repository),
+            json.dumps(request),
+            str(repeats),
+            kind,
+            json.dumps(parameters),
+        ],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -108,10 +126,21 @@ def in_process_like_a_model(repository: Path, request: dict, repeats: int) -> fl
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def overhead(server: TritonServer, repository: Path, steps: int, size: int, repeats: int) -> list:
+def overhead(
+    server: TritonServer,
+    repository: Path,
+    steps: int,
+    size: int,
+    repeats: int,
+    kind: str = "CPU",
+    parameters: Optional[dict] = None,
+) -> list:
+    """The same request in-process and through the server, whose sd_base is a `kind` instance (CPU,
+    GPU) with these config.pbtxt `parameters`."""
     request = body(0, steps, size)
-    local = in_process_like_a_model(repository, request, repeats)
+    local = in_process_like_a_model(repository, request, repeats, kind, parameters or {})
     data = json.dumps(request).encode()
+    before = model_stats(server.url)
     post(server.url, "sd_base", data)  # warm-up
     times = []
     for _ in range(repeats):
@@ -119,6 +148,7 @@ def overhead(server: TritonServer, repository: Path, steps: int, size: int, repe
         post(server.url, "sd_base", data)
         times.append(time.perf_counter() - start)
     served = statistics.median(times)
+    counted(server.url, "sd_base", before, repeats + 1)  # a next section's statistics start from here
     return [
         f"Serving overhead, sd_base {size}x{size}, {steps} steps, median of {repeats}:",
         f"  in-process (runtime without Triton): {local:.3f}s",

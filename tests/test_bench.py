@@ -82,6 +82,7 @@ def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
     result = device_script("serve", tmp_path, args)
     report = (tmp_path / "served.md").read_text()
     assert "settings: fuse_qkv=true;" in report
+    assert "Serving overhead, sd_base 64x64, 2 steps, median of 1:" in report and "  overhead: " in report
     log = (tmp_path / "tritonserver.log").read_text()
     for model in ("sd_base", "sd_depth", "sd_inpaint", "sd_upscale"):  # --set reached every model's load
         assert re.search(rf"{model}: loaded .*attention: sdpa, fused qkv", log), model
