@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path, PurePath
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
+from env import lock
+
 ALSO = ("nvidia-pytriton",)  # what `device.sh serve` needs beyond the production environment
 
 
@@ -25,7 +27,7 @@ def canonical(name: str) -> str:
 
 def distributions(path: Optional[List[str]] = None) -> Dict[str, metadata.Distribution]:
     found: Dict[str, metadata.Distribution] = {}
-    for dist in metadata.distributions(**({"path": path} if path is not None else {})):
+    for dist in metadata.distributions(path=sys.path if path is None else path):
         found.setdefault(canonical(dist.metadata["Name"]), dist)  # the first on the path wins, as on import
     return found
 
@@ -71,9 +73,9 @@ def entries(dist: metadata.Distribution) -> List[Path]:
     return sorted(Path(dist.locate_file(top)) for top in tops if not top.endswith(".pth"))
 
 
-def link(lock: Path, venv_site: Path, dest: Path) -> None:
-    roots = [line.split("==")[0] for line in lock.read_text().splitlines() if "==" in line and line[0] != "#"]
-    take, missing = taken([*roots, *ALSO], distributions(), distributions([str(venv_site)]))
+def link(lock_file: Path, venv_site: Path, dest: Path) -> None:
+    roots = [*lock.read(lock_file), *ALSO]
+    take, missing = taken(roots, distributions(), distributions([str(venv_site)]))
     dest.mkdir(parents=True, exist_ok=True)
     for dist in take.values():
         for entry in entries(dist):

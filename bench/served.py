@@ -30,7 +30,7 @@ from PIL import Image
 from bench import serving
 from client.base import images_from_response, request_body
 from deploy.tritonserver import TritonServer
-from sdmme import weights
+from sdmme import pipelines, weights
 from sdmme.spec import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="a speed setting for every model"
     )
     args = parser.parse_args(argv)
-    settings = dict(item.split("=", 1) for item in args.set)
+    settings = dict(item.partition("=")[::2] for item in args.set)
+    try:  # as the models' loads will, before minutes of building weights and starting the server
+        pipelines.Settings.from_parameters(settings, pipelines.GPU_DEFAULTS)
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     repo = repository(args.repository, args.tiny, settings)
     log_file = args.out.with_name("tritonserver.log")
     rows, failed = [], False

@@ -6,9 +6,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+import torch
 from conftest import ROOT
 
-from bench import serving
+from bench import gpu, served, serving
+from sdmme import weights
 
 
 def test_bench_gpu_refuses_without_a_gpu():
@@ -90,6 +93,26 @@ def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
         assert f"| {model} | {request} px, 2 steps | 200 | 64x64 |" in report, report
     assert "| sd_upscale |" in result.stdout
     assert report.startswith("## Served by tritonserver, AWS sample payloads: CPU;")
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [("fuse_qkvv=true", "'fuse_qkvv' is not a pipeline setting"), ("compile", "compile='' is not one of")],
+)
+def test_served_refuses_a_bad_setting_before_building_anything(tmp_path, capsys, item, message):
+    with pytest.raises(SystemExit):
+        served.main(["--repository", str(tmp_path / "r"), "--out", str(tmp_path / "o.md"), "--set", item])
+    assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_bench_gpu_sections_can_be_skipped_and_rounds_merge(tiny_repository):
+    """A short lease: --skip leaves only the eager settings (each the median of both rounds' calls)."""
+    bench = gpu.Bench(torch.device("cpu"), lambda model: weights.weights_dir(tiny_repository, model), 1)
+    lines = gpu.run(bench, steps=1, compile_mode="none", upscale_sides=[], rounds=2, skip=gpu.SECTIONS)
+    rows = [line for line in lines if line.startswith("| SDPA")]
+    assert len(rows) == 3 and "Fastest without compile: " in "\n".join(lines) and "; rounds: 2." in lines[-2]
+    table_rows = [line for line in lines if line.startswith("| ") and not line.startswith("| setting")]
+    assert table_rows == rows and not [line for line in lines if "Largest" in line or "+ compile" in line]
 
 
 def numpy_wheel(tmp_path, version):
