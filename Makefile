@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: FORCE venv lock weights weights-full weights-hub model models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model adapter models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
 
 # TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
@@ -43,6 +43,11 @@ model: venv
 	@test -n "$(NAME)" -a -n "$(KIND)" -a -n "$(WEIGHTS)" || (echo "usage: make model NAME=my_style KIND=sd_base|sd_depth|sd_inpaint|sd_upscale WEIGHTS=file.safetensors|folder|hub-id [LORA=file-or-hub-id LORA_SCALE=1.0] [CONFIG=folder-or-hub-id] [FORCE=1]"; exit 2)
 	$(PY) -m sdmme.repository "$(NAME)" --kind "$(KIND)" --weights "$(WEIGHTS)" --repository "$(REPOSITORY)" \
 	  $(if $(LORA),--lora "$(LORA)" --lora-scale $(LORA_SCALE)) $(if $(CONFIG),--config "$(CONFIG)") $(if $(FORCE),--force)
+
+# An adapter (a LoRA) of a model, served per request on the warm model (README: Adapters).
+adapter: venv
+	@test -n "$(NAME)" -a -n "$(MODEL)" -a -n "$(FILE)" || (echo "usage: make adapter NAME=ink MODEL=sd_base FILE=lora.safetensors|hub-id [FORCE=1]"; exit 2)
+	$(PY) -m sdmme.adapters "$(NAME)" --model "$(MODEL)" --file "$(FILE)" --repository "$(REPOSITORY)" $(if $(FORCE),--force)
 
 serve: weights
 	$(PY) -m deploy.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
@@ -94,7 +99,7 @@ lock: venv
 	$(PY) -m env.lock --torch "$(TORCH)"
 
 env: env/sd_env/sdmme-env.json
-env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt env/serving.lock env/dev.lock $(wildcard sdmme/*.py) | $(VENV)/.installed
+env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml env/serving.txt env/serving.lock env/dev.lock $(wildcard sdmme/*.py sdmme/*/*.py) | $(VENV)/.installed
 	$(PY) -m env --builder $(ENV_BUILDER) --flavor $(ENV_FLAVOR) --python "$(ENV_PYTHON)" --torch "$(TORCH)"
 
 # gzip level of the archives: 0 (stored) makes every cold load's extraction a copy (docs/benchmarks.md)

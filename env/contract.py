@@ -28,6 +28,8 @@ RUNTIME_IMPORTS = (
     "safetensors",
     "sdmme.pipelines",
     "sdmme.batching",
+    "sdmme.adapters",
+    "boto3",
 )
 _PROBE = """
 import importlib, json, sys

@@ -196,6 +196,10 @@ def execute(
             log.info("%s: stopped a call of %d request(s): every caller gave up", label, len(group))
             yield group, Gone("the caller gave up; the call was stopped")
             continue
+        except InvalidInput as e:  # found only when the group ran (an unknown adapter): theirs, no trace
+            log.info("%s: %d request(s) refused: %s", label, len(group), e)
+            yield group, e
+            continue
         except Exception as e:  # one failed group must not fail the others
             runner.free_memory()
             if runner.is_out_of_memory(e) and len(group) > 1:

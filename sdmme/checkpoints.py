@@ -219,52 +219,24 @@ def load(kind: str, source: str, config: Optional[str] = None):
     return pipeline, {"format": "diffusers", **record}
 
 
-LORA_MARKERS = (".lora_A", ".lora_B", ".lora.down", ".lora.up", ".lora_magnitude_vector", ".alpha")
-
-
-def _lora_target(key: str) -> str:
-    """The module a diffusers-format LoRA key adapts (`unet...to_q` of `unet...to_q.lora.down.weight`)."""
-    for marker in LORA_MARKERS:
-        if marker in key:
-            return key.split(marker)[0]
-    return key
-
-
 def fuse_lora(pipeline, lora: str, scale: float) -> dict:
-    """Fuse a LoRA (a .safetensors file or a hub id) into the weights; every one of its layers must land."""
-    path = Path(lora)
-    if path.suffix in PICKLED:
-        raise CheckpointError(f"LoRA {lora}: pickled files are never loaded; use a .safetensors file")
-    where, name = (str(path.parent), path.name) if path.suffix == ".safetensors" else (lora, None)
-    if name and not path.is_file():
-        raise CheckpointError(f"LoRA {lora}: no such file")
+    """Fuse a LoRA (a .safetensors file) into the weights, with the checks and the fusing of adapters
+    (sdmme.adapters): every one of its layers must land, or nothing is changed."""
+    from sdmme.adapters import files
+    from sdmme.adapters.fusing import Fuser
+
+    modules = {c: getattr(pipeline, c) for c in files.COMPONENTS}
+    architecture = files.empty_architecture(pipeline.unet.config, pipeline.text_encoder.config)
     try:
-        state, _ = pipeline.lora_state_dict(where, weight_name=name)  # any known format, as diffusers'
-    except Exception as e:
-        raise CheckpointError(f"LoRA {lora} cannot be read: {type(e).__name__}: {str(e)[:300]}") from None
-    wanted = {_lora_target(key) for key in state}
-    present = {
-        f"{component}.{module}"
-        for component in ("unet", "text_encoder")
-        for module, _ in getattr(pipeline, component).named_modules()
-    }
-    missing = sorted(wanted - present)
-    if missing:
-        raise CheckpointError(
-            f"LoRA {lora}: {len(missing)} of its {len(wanted)} layers match no layer of this model (a LoRA "
-            f"for another architecture?), e.g. {', '.join(missing[:3])}"
-        )
-    try:
-        pipeline.load_lora_weights(where, weight_name=name, adapter_name="fused")
-    except Exception as e:  # the layers exist with other shapes: another architecture
-        raise CheckpointError(f"LoRA {lora} does not fit this model: {str(e)[:600]}") from None
-    pipeline.fuse_lora(lora_scale=scale, adapter_names=["fused"])
-    pipeline.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    counts = {c: sum(1 for t in wanted if t.startswith(c + ".")) for c in ("unet", "text_encoder")}
+        tensors, info = files.convert(files.local_file(lora), architecture)
+        layers = files.layers_of(tensors, modules, lambda why: files.AdapterError(f"LoRA {lora} {why}"))
+    except files.AdapterError as e:
+        raise CheckpointError(str(e)) from None
+    Fuser(modules).apply([("lora", layers, scale)])
     log.info(
         "fused LoRA %s at scale %s into %s",
         lora,
         scale,
-        ", ".join(f"{n} {c} layers" for c, n in counts.items() if n),
+        ", ".join(f"{n} {c} layers" for c, n in info["layers"].items() if n),
     )
-    return {"lora": lora, "lora_scale": scale, "lora_layers": counts}
+    return {"lora": lora, "lora_scale": scale, "lora_layers": info["layers"], "lora_format": info["format"]}

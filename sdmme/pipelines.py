@@ -20,7 +20,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from sdmme.batching import Interrupted
-from sdmme.spec import KIND_PARAMETER, ModelSpec
+from sdmme.spec import KIND_PARAMETER, InvalidInput, ModelSpec
 
 log = logging.getLogger("sdmme")
 
@@ -54,8 +54,8 @@ def _setting(default, help: str):
 
 @dataclass(frozen=True)
 class Settings:
-    """How a pipeline is set up for speed, and the time a request may take; config.pbtxt `parameters` of
-    the same names override them.
+    """How a pipeline is set up for speed, the time a request may take and where its adapters come
+    from; config.pbtxt `parameters` of the same names override them.
 
     The GPU defaults are the fastest settings that cost no cold-start time and change no output beyond
     rounding, as measured by `make bench-gpu` (docs/benchmarks.md): on an H100 the eager UNet is bound
@@ -84,6 +84,16 @@ class Settings:
         "Refuse up front a request whose time, measured at load, exceeds this; with the queue's 30 s, "
         "SageMaker's 60 s. 0: no limit.",
     )
+    adapters: str = _setting(
+        "",
+        "Where the model's adapters are (README: Adapters): a folder (relative to the model's) or "
+        "s3://bucket/prefix/; none: no adapters. Empty: $SDMME_ADAPTERS/<model>/ when set (make deploy, "
+        "the local MME), else the model's adapters/ folder.",
+    )
+    max_adapters: int = _setting(8, "Adapters kept loaded on the device; the least recently used goes.")
+    adapter_cache_mb: float = _setting(
+        4096.0, "Disk for adapters fetched from S3; the least recently used file goes."
+    )
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], base: Settings) -> Settings:
@@ -97,27 +107,41 @@ class Settings:
                 raise ValueError(
                     f"config.pbtxt parameter {key!r} is not a pipeline setting; known: {', '.join(fields)}"
                 )
-            if fields[key].type in (bool, "bool"):
+            kind = fields[key].type
+            if key in CHOICES:
+                if text not in CHOICES[key]:
+                    raise ValueError(
+                        f"config.pbtxt parameter {key}={text!r} is not one of {', '.join(CHOICES[key])}"
+                    )
+                values[key] = text
+            elif kind in (str, "str"):  # free text, checked where it is used (adapters: the store)
+                values[key] = text
+            elif kind in (int, "int"):
+                if not text.isdigit() or int(text) < 1:
+                    raise ValueError(
+                        f"config.pbtxt parameter {key} must be a whole number of 1 or more, got {text!r}"
+                    )
+                values[key] = int(text)
+            elif kind in (bool, "bool"):
                 if text.lower() not in ("true", "false"):
                     raise ValueError(f"config.pbtxt parameter {key} must be true or false, got {text!r}")
                 values[key] = text.lower() == "true"
-            elif fields[key].type in (float, "float"):
+            elif kind in (float, "float"):
                 try:
                     values[key] = float(text)
                 except ValueError:
                     raise ValueError(f"config.pbtxt parameter {key} must be a number, got {text!r}") from None
                 if not values[key] >= 0:
                     raise ValueError(f"config.pbtxt parameter {key} must be 0 or more, got {text!r}")
-            elif text not in CHOICES[key]:  # every other setting is a choice
-                raise ValueError(
-                    f"config.pbtxt parameter {key}={text!r} is not one of {', '.join(CHOICES[key])}"
-                )
-            else:
-                values[key] = text
         settings = dataclasses.replace(base, **values)
         if settings.fuse_qkv and settings.attention == "xformers":
             raise ValueError(
                 "config.pbtxt: fuse_qkv runs on PyTorch SDPA; it cannot go with attention=xformers"
+            )
+        if settings.fuse_qkv and settings.adapters != "none":
+            raise ValueError(
+                "config.pbtxt: fuse_qkv computes q, k and v with one new projection, so adapters fused into "
+                "to_q, to_k and to_v would not count; set adapters to none with it"
             )
         return settings
 
@@ -229,10 +253,12 @@ def free_memory(device: torch.device) -> None:
 
 
 class Runner:
-    """Owns one pipeline; runs one batch of prompts with one generator per image."""
+    """Owns one pipeline; runs one batch of prompts with one generator per image, with the adapters
+    (sdmme.adapters.Adapters, or None when the model serves none) the batch's gen_args.lora names."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, adapters=None):
         self.pipeline = pipeline
+        self.adapters = adapters
         self.device = pipeline.device
         self.default_scheduler = pipeline.scheduler
         self._schedulers: Dict[str, Any] = {"default": pipeline.scheduler}
@@ -258,7 +284,6 @@ class Runner:
     def is_out_of_memory(error: BaseException) -> bool:
         return is_out_of_memory(error)
 
-    @torch.inference_mode()
     def __call__(
         self,
         args: Dict[str, Any],
@@ -269,6 +294,14 @@ class Runner:
         should_stop: Optional[Callable[[], bool]] = None,
     ) -> list:
         """Images for the prompts; raises Interrupted between steps once `should_stop()` says so."""
+        if self.adapters is not None:
+            self.adapters.activate(args.get("lora"))  # outside inference mode: it writes weights
+        elif args.get("lora"):
+            raise InvalidInput("this model serves no adapters (its config.pbtxt sets adapters to none)")
+        return self._generate(args, prompts, negative_prompts, seeds, images, should_stop)
+
+    @torch.inference_mode()
+    def _generate(self, args, prompts, negative_prompts, seeds, images, should_stop) -> list:
         self.pipeline.scheduler = self.scheduler(args["scheduler"])
         kwargs = {k: args[k] for k in PIPELINE_ARGS if k in args}
         if should_stop is not None:

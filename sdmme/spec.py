@@ -7,6 +7,7 @@ imports nothing heavy so that clients can use it without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -103,6 +104,69 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+# An adapter's name: a file name in its store and part of an S3 key, never a path or a URL.
+ADAPTER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+MAX_STACKED_ADAPTERS = 3
+ADAPTER_SCALE = Param(
+    "lora_scale", float, 1.0, "Strength of the adapter named by lora (its string form).", min=0, max=2
+)
+Adapters = Tuple[Tuple[str, float], ...]  # validated gen_args.lora: (name, scale) pairs, in order
+
+
+def check_adapter_name(name: Any, where: str = "gen_args.lora") -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise InvalidInput(
+            f"{where}: {show(name)} is not an adapter name (1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit; never a path or a URL)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterParam(Param):
+    """gen_args.lora: an adapter's name, or a list of up to three to stack, each `{"name", "scale"}` (or
+    a bare name, at scale 1). Validated into (name, scale) pairs, which are hashable: requests group by
+    them, so requests with different adapters never share a pipeline call."""
+
+    def validate(self, value: Any) -> Optional[Adapters]:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return ((check_adapter_name(value), 1.0),)
+        if not isinstance(value, list):
+            raise InvalidInput(
+                f"gen_args.lora must be a string or a list, got {type(value).__name__}; {self.allowed()}"
+            )
+        if len(value) > MAX_STACKED_ADAPTERS:
+            raise InvalidInput(
+                f"gen_args.lora names {len(value)} adapters; at most {MAX_STACKED_ADAPTERS} can be stacked"
+            )
+        pairs = []
+        for i, item in enumerate(value):
+            where = f"gen_args.lora[{i}]"
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "scale"}:
+                raise InvalidInput(
+                    f'{where} must be an adapter name or {{"name": ..., "scale": ...}}, got {show(item)}'
+                )
+            scale = dataclasses.replace(ADAPTER_SCALE, name=f"lora[{i}].scale").validate(
+                item.get("scale", 1.0)
+            )
+            pairs.append((check_adapter_name(item["name"], where), scale))
+        names = [name for name, _ in pairs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InvalidInput(f"gen_args.lora names {', '.join(repeated)} more than once")
+        return tuple(pairs) or None
+
+    def allowed(self) -> str:
+        return (
+            f"an adapter name, or a list of up to {MAX_STACKED_ADAPTERS} of "
+            '{"name": ..., "scale": float in [0, 2]} to stack, or null'
+        )
+
+
 # The models' outputs (config.pbtxt): the image files as base64 (the AWS sample's JSON), the files
 # themselves (for binary transport), and what the caller should know (e.g. a prompt cut to 77 tokens).
 BASE64, FILES, WARNINGS = "generated_image", "generated_image_bytes", "warnings"
@@ -141,6 +205,13 @@ def _common(steps: int, guidance: float, strength: Optional[float] = None) -> Tu
             choices=OUTPUT_FORMATS,
         ),
         Param("quality", int, 90, "JPEG/WebP quality (ignored by PNG, which is lossless).", min=1, max=100),
+        AdapterParam(
+            "lora",
+            object,
+            None,
+            "Adapters (LoRAs) of this model to apply, by name (README: Adapters). Null: the model alone.",
+        ),
+        ADAPTER_SCALE,
     ]
     if strength is not None:
         params.append(
@@ -203,6 +274,13 @@ class ModelSpec:
         args = self.defaults()
         for key, value in given.items():
             args[key] = self.params_by_name[key].validate(value)
+        if "lora_scale" in given:
+            if not isinstance(given.get("lora"), str):
+                raise InvalidInput(
+                    "gen_args.lora_scale is the strength of the one adapter gen_args.lora names as a string; "
+                    'with a list, give each its "scale"'
+                )
+            args["lora"] = ((args["lora"][0][0], args["lora_scale"]),)
         if "strength" in args and int(args["num_inference_steps"] * args["strength"]) < 1:
             raise InvalidInput(
                 "gen_args.num_inference_steps * gen_args.strength must be at least 1 (it is the number of "

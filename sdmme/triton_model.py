@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY)  # before torch;
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from sdmme import batching, budget, images, pipelines  # noqa: E402
+from sdmme import adapters, batching, budget, images, pipelines  # noqa: E402
 from sdmme.spec import (  # noqa: E402
     BASE64,
     FILES,
@@ -99,11 +99,15 @@ class DiffusionModel:
         settings = pipelines.Settings.from_parameters(parameters, defaults)
         self.device = device
         # args["model_repository"] is the model's own folder, also under SageMaker where the name differs.
-        weights = Path(args["model_repository"]) / args["model_version"] / "weights"
+        folder = Path(args["model_repository"])
+        weights = folder / args["model_version"] / "weights"
         start = time.monotonic()
         self.budget = settings.time_budget_s
         try:
-            self.runner = pipelines.Runner(pipelines.load(self.spec, weights, device, settings))
+            pipeline = pipelines.load(self.spec, weights, device, settings)
+            self.runner = pipelines.Runner(
+                pipeline, adapters.for_model(self.name, folder, settings, pipeline)
+            )
             if settings.compile != "none":
                 warm = time.monotonic()
                 batching.run(self.runner, [batching.warmup_job(self.spec)])
@@ -213,6 +217,10 @@ class DiffusionModel:
             return _error(str(outcome), getattr(pb_utils.TritonError, "CANCELLED", None))
         if isinstance(outcome, batching.TooLate):
             return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE)
+        if isinstance(outcome, InvalidInput):  # an adapter that is unknown or cannot be used here
+            return caller_error(str(outcome))
+        if isinstance(outcome, adapters.StoreError):
+            return _error(caller_safe(str(outcome)), pb_utils.TritonError.UNAVAILABLE)
         if pipelines.is_out_of_memory(outcome):
             return _error("out of memory; retry with fewer images or a smaller size")
         return _error(f"generation failed: {type(outcome).__name__}: {outcome}")

@@ -50,11 +50,19 @@ def test_settings_from_config_parameters():
     )
     assert parsed.channels_last and parsed.compile == "max-autotune" and parsed.attention == base.attention
     assert pipelines.Settings.from_parameters({"time_budget_s": "12.5"}, base).time_budget_s == 12.5
+    parsed = pipelines.Settings.from_parameters({"adapters": "s3://b/p/", "max_adapters": "3"}, base)
+    assert parsed.adapters == "s3://b/p/" and parsed.max_adapters == 3
     for parameters, message in [
         ({"attention": "flash"}, "attention='flash' is not one of sdpa, xformers"),
         ({"vae_slicing": "yes"}, "vae_slicing must be true or false"),
         ({"turbo": "true"}, "'turbo' is not a pipeline setting"),
-        ({"attention": "xformers", "fuse_qkv": "true"}, "cannot go with attention=xformers"),
+        (
+            {"attention": "xformers", "fuse_qkv": "true", "adapters": "none"},
+            "cannot go with attention=xformers",
+        ),
+        ({"fuse_qkv": "true"}, "set adapters to none with it"),
+        ({"max_adapters": "0"}, "max_adapters must be a whole number of 1 or more"),
+        ({"max_adapters": "two"}, "max_adapters must be a whole number"),
         ({"time_budget_s": "soon"}, "time_budget_s must be a number"),
         ({"time_budget_s": "-5"}, "time_budget_s must be 0 or more"),
         ({"time_budget_s": "nan"}, "time_budget_s must be 0 or more"),
@@ -158,7 +166,8 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
     repository = tmp_path / "repository"
     shutil.copytree(tiny_repository / "sd_depth", repository / "sd_depth")
     with_parameters(
-        repository / "sd_depth", {"dtype": "float16", "channels_last": "true", "fuse_qkv": "true"}
+        repository / "sd_depth",
+        {"dtype": "float16", "channels_last": "true", "fuse_qkv": "true", "adapters": "none"},
     )
     shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")
     with_parameters(repository / "sd_base", {"attention": "flash"})
