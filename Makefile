@@ -123,9 +123,9 @@ image: env
 
 upload: venv
 	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
-	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(if $(VERSION),--version "$(VERSION)") $(if $(REPLACE),--replace)
+	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --repository "$(REPOSITORY)" $(if $(VERSION),--version "$(VERSION)") $(if $(REPLACE),--replace)
 
-# The models under s3://BUCKET/PREFIX/ with their kinds (what an endpoint on that prefix serves).
+# The models under s3://BUCKET/PREFIX/ with their kinds and adapters (what an endpoint on that prefix serves).
 models: venv
 	@test -n "$(BUCKET)" || (echo "usage: make models BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
 	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --list

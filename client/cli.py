@@ -15,7 +15,7 @@ from typing import List, Optional
 from PIL import Image
 
 from client.base import Client, ModelError
-from sdmme.spec import MODELS, Param
+from sdmme.spec import MAX_STACKED_ADAPTERS, MODELS, AdapterParam, Param
 
 COMMANDS = {"txt2img": "sd_base", "depth": "sd_depth", "inpaint": "sd_inpaint", "upscale": "sd_upscale"}
 
@@ -24,7 +24,43 @@ def _option(param: Param) -> str:
     return "--" + param.name.replace("_", "-")
 
 
+def _adapter(text: str) -> dict:
+    """NAME or NAME:SCALE, checked as the server will."""
+    name, _, scale = text.partition(":")
+    item = {"name": name} if not scale else {"name": name, "scale": _number(scale)}
+    try:
+        AdapterParam("lora", object, None, "").validate([item])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return item
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (NAME:SCALE, e.g. ink:0.8)") from None
+
+
+def adapters_arg(items: List[dict]):
+    """One adapter at its default scale as a name (the simple form), else the list."""
+    return items[0]["name"] if len(items) == 1 and "scale" not in items[0] else items
+
+
 def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
+    if isinstance(param, AdapterParam):
+        parser.add_argument(
+            "--lora",
+            dest=param.name,
+            action="append",
+            type=_adapter,
+            default=argparse.SUPPRESS,
+            metavar="NAME[:SCALE]",
+            help=f"{param.help} Repeat to stack (at most {MAX_STACKED_ADAPTERS}); SCALE in [0, 2], "
+            "default 1.",
+        )
+        return
+
     def parse(text: str):
         if param.nullable and text.lower() in ("null", "none"):
             return None
@@ -109,6 +145,8 @@ def make_client(args: argparse.Namespace) -> Client:
 def run(args: argparse.Namespace, client: Client) -> List[Path]:
     spec = MODELS[COMMANDS[args.command]]
     gen_args = {p.name: getattr(args, p.name) for p in spec.params if hasattr(args, p.name)}
+    if "lora" in gen_args:
+        gen_args["lora"] = adapters_arg(gen_args["lora"])
     images = {name: getattr(args, name).read_bytes() for name in spec.image_inputs}
     encoded = client.generate(args.model, args.prompt, args.negative_prompt, images, **gen_args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 
 import boto3
 
-from deploy import containers
+from deploy import containers, upload
 from deploy.upload import ENV_KEY, PYTHON_KEY
+from sdmme.spec import ADAPTER_STORES_ENV
 
 VARIANT = "AllTraffic"
 TAG = "sdmme-endpoint"  # on every model, configuration and endpoint deploy creates: the endpoint name
@@ -132,7 +133,11 @@ def deploy(settings: Settings, session: Optional[boto3.Session] = None, poll: fl
             "Image": image,
             "Mode": "MultiModel",
             "ModelDataUrl": settings.model_data_url,
-            "Environment": ENVIRONMENT,
+            # Every model's adapters are under the prefix, where make upload puts them: live at once.
+            "Environment": {
+                **ENVIRONMENT,
+                ADAPTER_STORES_ENV: upload.adapters_root(settings.bucket, settings.prefix),
+            },
         },
         Tags=[{"Key": TAG, "Value": settings.name}],
     )
@@ -304,7 +309,7 @@ def iam_policy(bucket: str, prefix: str) -> dict:
         "Version": "2012-10-17",
         "Statement": [
             {
-                "Sid": "ReadModelArchives",
+                "Sid": "ReadModelArchivesAndAdapters",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
                 "Resource": [f"arn:aws:s3:::{bucket}/{prefix}/*"],

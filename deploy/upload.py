@@ -1,6 +1,7 @@
-"""`make upload BUCKET=... PREFIX=...`: the model archives to s3://BUCKET/PREFIX/ (the MME ModelDataUrl).
+"""`make upload BUCKET=... PREFIX=...`: the model archives to s3://BUCKET/PREFIX/ (the MME ModelDataUrl),
+and each model's adapters to s3://BUCKET/PREFIX/adapters/<model>/ (where the endpoint's models look).
 
-An object whose stored sha256 equals the local archive's is skipped. An object that differs is never
+An object whose stored sha256 equals the local file's is skipped. An object that differs is never
 replaced silently: an MME instance that has a model cached keeps serving it after its S3 object
 changes, so the upload stops before sending anything and says to upload under a new name (`--version`)
 or to pass `--replace`. Multipart uploads are managed by boto3 and aborted on failure, so a failed
@@ -13,7 +14,7 @@ import argparse
 import io
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -64,6 +65,28 @@ class Refused(Exception):
     """Uploading would replace objects that differ; nothing was sent."""
 
 
+ADAPTERS = "adapters"  # s3://BUCKET/PREFIX/adapters/<model>/<name>.safetensors and <name>.json
+
+
+def adapters_root(bucket: str, prefix: str) -> str:
+    """The S3 location of every model's adapter store (make deploy and the local MME tell the models)."""
+    prefix = prefix.strip("/")
+    return f"s3://{bucket}/{prefix}/{ADAPTERS}/" if prefix else f"s3://{bucket}/{ADAPTERS}/"
+
+
+def adapter_files(repository: Path) -> List[Tuple[Path, str]]:
+    """Each model's adapters as (file, key under the prefix); a file before its record, which goes last
+    because a record tells a model its file is whole."""
+    files = []
+    for config in sorted(repository.glob(f"*/{ADAPTERS}/*.json")):
+        model, name = config.parent.parent.name, config.name[: -len(".json")]
+        for path in (config.with_suffix(".safetensors"), config):
+            if not path.is_file():
+                raise ValueError(f"{config.parent}: {name}.safetensors is missing beside its record")
+            files.append((path, f"{ADAPTERS}/{model}/{path.name}"))
+    return files
+
+
 def upload(
     s3,
     archives: List[Path],
@@ -73,36 +96,40 @@ def upload(
     callback=None,
     version: Optional[str] = None,
     replace: bool = False,
+    adapters: Sequence[Tuple[Path, str]] = (),
 ) -> Dict[str, str]:
-    """Returns {key: "uploaded" | "replaced" | "unchanged"}; raises Refused before sending anything when
-    an object differs and `replace` is not given."""
+    """Archives, then `adapters` ((file, key under the prefix), from adapter_files). Returns {key:
+    "uploaded" | "replaced" | "unchanged"}; raises Refused before sending anything when an object
+    differs and `replace` is not given."""
     plan = []
     for path in archives:
-        key = key_for(prefix, path, version)
-        digest = tarball.sha256(path)
-        plan.append((path, key, digest, remote_sha(s3, bucket, key)))
-    differing = [key for _, key, digest, remote in plan if remote not in (MISSING, digest)]
+        plan.append((path, key_for(prefix, path, version), True))
+    for path, relative in adapters:
+        plan.append((path, f"{prefix.strip('/')}/{relative}" if prefix.strip("/") else relative, False))
+    plan = [
+        (path, key, tarball.sha256(path), remote_sha(s3, bucket, key), is_archive)
+        for path, key, is_archive in plan
+    ]
+    differing = [key for _, key, digest, remote, _ in plan if remote not in (MISSING, digest)]
     if differing and not replace:
         raise Refused(
-            "these objects exist and differ from the local archives: "
+            "these objects exist and differ from the local files: "
             + ", ".join(f"s3://{bucket}/{k}" for k in differing)
-            + ". An MME instance that has one loaded keeps serving the old model until it unloads it, so "
+            + ". An MME instance that has one loaded keeps serving the old one until it unloads it, so "
             "replacing it changes what callers get at an unknown time. Upload under a new name instead "
-            "(make upload VERSION=2 gives <model>-2.tar.gz; callers switch TargetModel), or pass --replace "
-            "(make upload REPLACE=1) if you accept that."
+            "(make upload VERSION=2 gives <model>-2.tar.gz; an adapter: make adapter NAME=<new name>; "
+            "callers switch), or pass --replace (make upload REPLACE=1) if you accept that."
         )
     outcome = {}
-    for path, key, digest, remote in plan:
+    for path, key, digest, remote, is_archive in plan:
         if remote == digest:
             print(f"s3://{bucket}/{key}: unchanged (sha256 {digest[:16]}), skipped", file=sys.stderr)
             outcome[key] = "unchanged"
             continue
-        manifest = archive_manifest(path)
-        metadata = {
-            SHA_KEY: digest,
-            PYTHON_KEY: manifest["python"],
-            ENV_KEY: manifest.get("env_path", "bundled"),
-        }
+        metadata = {SHA_KEY: digest}
+        if is_archive:
+            manifest = archive_manifest(path)
+            metadata.update({PYTHON_KEY: manifest["python"], ENV_KEY: manifest.get("env_path", "bundled")})
         size = path.stat().st_size
         with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr) as bar:
 
@@ -129,11 +156,14 @@ MANIFEST_BYTES = 64 * 1024  # the manifest is the first member: well inside the 
 
 def catalog(s3, bucket: str, prefix: str) -> List[Dict]:
     """Every model under s3://bucket/prefix/: its TargetModel, kind (from the manifest at the start of
-    the archive, read with one ranged GET) and size. What an MME on that prefix can serve."""
+    the archive, read with one ranged GET), size and adapters. What an MME on that prefix can serve."""
     prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    found = []
+    found, adapters = [], {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
+            parts = item["Key"][len(prefix) :].split("/")
+            if len(parts) == 3 and parts[0] == ADAPTERS and parts[2].endswith(".json"):
+                adapters.setdefault(parts[1], []).append(parts[2][: -len(".json")])
             if not item["Key"].endswith(".tar.gz"):
                 continue
             head = s3.get_object(Bucket=bucket, Key=item["Key"], Range=f"bytes=0-{MANIFEST_BYTES - 1}")
@@ -143,8 +173,11 @@ def catalog(s3, bucket: str, prefix: str) -> List[Dict]:
                     "target_model": item["Key"][len(prefix) :],
                     "kind": manifest.get("kind", "unknown"),
                     "bytes": item["Size"],
+                    "model": manifest.get("model", "unknown"),
                 }
             )
+    for item in found:
+        item["adapters"] = sorted(adapters.get(item["model"], []))
     return found
 
 
@@ -155,6 +188,9 @@ def main() -> None:
     parser.add_argument("--bucket", required=True)
     parser.add_argument("--prefix", default="sd-mme/models")
     parser.add_argument("--dist", type=Path, default=Path("dist"))
+    parser.add_argument(
+        "--repository", type=Path, default=Path("model_repository"), help="whose models' adapters/ go too"
+    )
     parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--region")
     parser.add_argument("--version", help="upload as <model>-VERSION.tar.gz (a new TargetModel)")
@@ -163,17 +199,35 @@ def main() -> None:
     args = parser.parse_args()
     if args.list:
         for item in catalog(s3_client(args.endpoint_url, args.region), args.bucket, args.prefix):
-            print(f"{item['target_model']:40} {item['kind']:12} {item['bytes'] / 1e6:10,.1f} MB")
+            adapters = ", ".join(item["adapters"]) or "-"
+            print(
+                f"{item['target_model']:40} {item['kind']:12} {item['bytes'] / 1e6:10,.1f} MB"
+                f"  adapters: {adapters}"
+            )
         return
     archives = sorted(args.dist.glob("*.tar.gz"))
-    if not archives:
-        raise SystemExit(f"make upload: no archives in {args.dist}: run `make package` first")
+    try:
+        adapters = adapter_files(args.repository)
+    except ValueError as e:
+        raise SystemExit(f"make upload: {e}") from None
+    if not archives and not adapters:
+        raise SystemExit(f"make upload: no archives in {args.dist} (run `make package`) and no adapters")
     s3 = s3_client(args.endpoint_url, args.region)
     try:
-        upload(s3, archives, args.bucket, args.prefix, version=args.version, replace=args.replace)
+        upload(
+            s3,
+            archives,
+            args.bucket,
+            args.prefix,
+            version=args.version,
+            replace=args.replace,
+            adapters=adapters,
+        )
     except Refused as e:
         raise SystemExit(f"make upload: refused: {e}") from None
     print(f"ModelDataUrl: s3://{args.bucket}/{args.prefix.strip('/')}/")
+    if adapters:
+        print(f"adapters: {adapters_root(args.bucket, args.prefix)}<model>/ (live on a running endpoint now)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ files of the tiny architecture need.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import diffusers
@@ -41,6 +42,38 @@ def write_lora(pipeline, dest: Path, seed: int = 3) -> Path:
         dest, unet_lora_layers=layers, weight_name="lora.safetensors"
     )
     return dest / "lora.safetensors"
+
+
+def write_kohya(canonical: Path, dest: Path) -> Path:
+    """The adapter file `canonical` (this project's form) as kohya's trainers name and write it."""
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    parts = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
+    kohya = {}
+    for key, tensor in load_file(canonical).items():
+        component, module, part = re.match(
+            r"(unet|text_encoder)\.(.+)\.(lora_[AB]\.weight|alpha)$", key
+        ).groups()
+        kohya[f"{prefixes[component]}{module.replace('.', '_')}.{parts[part]}"] = tensor
+    save_file(kohya, dest)
+    return dest
+
+
+def write_text_encoder_lora(pipeline, dest: Path, seed: int = 5) -> Path:
+    """A kohya-format LoRA of the UNet's and the text encoder's attention, alpha 1 (scale 1 / rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for component, prefix, targets in (
+        (pipeline.unet, "lora_unet_", ("to_q", "to_k", "to_v", "to_out.0")),
+        (pipeline.text_encoder, "lora_te_", ("q_proj", "k_proj", "v_proj", "out_proj")),
+    ):
+        for name, module in component.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+                key = prefix + name.replace(".", "_")
+                state[key + ".lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+                state[key + ".lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+                state[key + ".alpha"] = torch.tensor(1.0)
+    save_file(state, dest)
+    return dest
 
 
 def write_all(root: Path) -> Path:

@@ -26,10 +26,15 @@ SAGEMAKER_FLAGS = [
 
 
 def server(
-    empty_repository: Path, port: int, log_file: Path, python_version: Optional[str] = None
+    empty_repository: Path,
+    port: int,
+    log_file: Path,
+    python_version: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
 ) -> TritonServer:
     """tritonserver in SageMaker mode; models run only from the environments their archives carry, with
-    the backend stub of `python_version` (theirs; default this Python's)."""
+    the backend stub of `python_version` (theirs; default this Python's), and `env` as the platform gives
+    a container its settings."""
     empty_repository.mkdir(parents=True, exist_ok=True)
     return TritonServer(
         empty_repository,
@@ -38,7 +43,7 @@ def server(
         isolated=True,
         ready_port=port,
         ready_path="/ping",
-        env={"SAGEMAKER_TRITON_PING_MODE": "live", "SAGEMAKER_MULTI_MODEL": "true"},
+        env={"SAGEMAKER_TRITON_PING_MODE": "live", "SAGEMAKER_MULTI_MODEL": "true", **(env or {})},
         python_version=python_version,
     )
 

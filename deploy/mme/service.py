@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Optional
 
 from deploy.mme import endpoint, frontend
 from deploy.tritonserver import free_port
-from deploy.upload import s3_client
+from deploy.upload import adapters_root, s3_client
+from sdmme.spec import ADAPTER_STORES_ENV
 
 log = logging.getLogger("mme")
+AWS_SETTINGS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
 
 
 class LocalEndpoint:
@@ -28,6 +42,14 @@ class LocalEndpoint:
     ):
         self.root = root
         self.python_version = python_version  # the archives' environment Python (the image's)
+        # What make deploy gives the container: the adapter stores; and, as the execution role is there,
+        # this machine's AWS settings, so that models reach the same S3 (a local one too).
+        self.container_env = {
+            ADAPTER_STORES_ENV: adapters_root(bucket, prefix),
+            **{key: value for key, value in os.environ.items() if key in AWS_SETTINGS},
+        }
+        if s3_endpoint_url:
+            self.container_env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
         self.triton_port = free_port()
         self.triton = self._server()
         manager = endpoint.ModelManager(
@@ -49,6 +71,7 @@ class LocalEndpoint:
             self.triton_port,
             self.root / "tritonserver.log",
             self.python_version,
+            self.container_env,
         )
 
     def restart_triton(self) -> None:

@@ -26,10 +26,10 @@ import torch
 from sdmme.adapters.files import COMPONENTS, AdapterError, Layers, read
 from sdmme.adapters.fusing import Fuser
 from sdmme.adapters.store import LocalStore, StoreError, open_store
+from sdmme.spec import ADAPTER_STORES_ENV
 from sdmme.spec import Adapters as Requested
 
 log = logging.getLogger("sdmme")
-ENV_STORE = "SDMME_ADAPTERS"  # s3://bucket/prefix/adapters/: every model's store is <that>/<model>/
 FOLDER = "adapters"  # a model's own store: model_repository/<model>/adapters/ (make adapter)
 ARCHIVE_MANIFEST = "sdmme-archive.json"  # deploy.package writes it; it names the model an archive holds
 
@@ -44,7 +44,7 @@ def store_location(setting: str, model: str, folder: Path) -> Optional[str]:
         return None
     if setting:
         return setting if "://" in setting else str(folder / setting)
-    root = os.environ.get(ENV_STORE, "")
+    root = os.environ.get(ADAPTER_STORES_ENV, "")
     if root:
         return f"{root.rstrip('/')}/{model}/"
     return str(folder / FOLDER)

@@ -36,6 +36,10 @@ class AdapterError(InvalidInput):
 Layers = Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]  # "<component>.<layer>" -> (A, B, scale)
 
 
+def too_large(size: int) -> str:
+    return f"{size:,} bytes; at most {MAX_BYTES:,} ({MAX_BYTES // 2**20} MiB)"
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -108,9 +112,7 @@ def convert(path: Path, architecture: Dict[str, torch.nn.Module]) -> Tuple[Dict[
     if not path.is_file():
         raise AdapterError(f"LoRA {path}: no such file")
     if path.stat().st_size > MAX_BYTES:
-        raise AdapterError(
-            f"LoRA {path} is {path.stat().st_size / 1e6:,.0f} MB; at most {MAX_BYTES / 1e6:,.0f}"
-        )
+        raise AdapterError(f"LoRA {path} is {too_large(path.stat().st_size)}")
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
@@ -205,7 +207,7 @@ def read(path: Path, record: dict, modules: Dict[str, torch.nn.Module], name: st
 
     size = path.stat().st_size
     if size > MAX_BYTES:
-        raise refuse(f"is {size / 1e6:,.0f} MB; at most {MAX_BYTES / 1e6:,.0f}")
+        raise refuse(f"is {too_large(size)}")
     if size != record.get("bytes") or sha256(path) != record.get("sha256"):
         raise refuse(
             f"is not the file its record describes ({size} bytes; the record says {record.get('bytes')} "

@@ -29,6 +29,19 @@ class StoreError(Exception):
     may be retried."""
 
 
+def parse_record(name: str, location: str, text: bytes) -> dict:
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) or "sha256" not in record:
+        raise AdapterError(
+            f"adapter {name} in {location}: its record {name}{RECORD} is not one make adapter writes "
+            "(JSON with its bytes and sha256)"
+        )
+    return record
+
+
 class LocalStore:
     """A folder: the model's own adapters/ (make adapter writes there), or any path."""
 
@@ -38,7 +51,7 @@ class LocalStore:
 
     def record(self, name: str) -> Optional[dict]:
         path = self.folder / f"{name}{RECORD}"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return parse_record(name, self.location, path.read_bytes()) if path.is_file() else None
 
     def path(self, name: str, record: dict) -> Path:
         return self.folder / f"{name}{SUFFIX}"
@@ -88,12 +101,7 @@ class S3Store:
             raise self._failed(f"for {name}{RECORD}", e) from None
         except BotoCoreError as e:
             raise self._failed(f"for {name}{RECORD}", e) from None
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise AdapterError(
-                f"adapter {name} in {self.location}: its record {name}{RECORD} is not JSON"
-            ) from None
+        return parse_record(name, self.location, body)
 
     def _cached(self, name: str, record: dict) -> Path:
         return self.cache / f"{name}-{str(record.get('sha256'))[:16]}{SUFFIX}"

@@ -1,0 +1,343 @@
+"""Adapters: LoRAs checked and stored by `make adapter`, served per request on a warm model through a real
+tritonserver, fused into its weights and undone exactly."""
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import brought
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, post, sample_payload
+from PIL import Image
+
+from bench import serving
+from deploy.tritonserver import TritonServer
+from sdmme import repository, tiny
+from sdmme.adapters import __main__ as make_adapter
+from sdmme.adapters import files
+from sdmme.adapters.fusing import Fuser
+from sdmme.spec import MODELS, InvalidInput
+
+STYLE = {"seed": 3, "height": 64, "width": 64, "num_inference_steps": 3, "output_format": "png"}
+
+
+def with_parameters(folder, parameters: dict) -> None:
+    lines = [f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()]
+    config = folder / "config.pbtxt"
+    config.write_text(config.read_text() + "\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """What users bring: a tiny sd_base as a diffusers folder, LoRAs for it in diffusers and kohya format
+    (the kohya one also adapts the text encoder), and one for another architecture."""
+    root = tmp_path_factory.mktemp("loras")
+    tiny.sd_base().save_pretrained(root / "base")
+    brought.write_lora(tiny.sd_base(), root / "ink")
+    brought.write_lora(tiny.sd_base(), root / "sun", seed=11)
+    brought.write_text_encoder_lora(tiny.sd_base(), root / "kohya_te.safetensors")
+    brought.write_lora(tiny.sd_upscale(), root / "upscaler")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(loras, tmp_path_factory):
+    """`base`: the tiny sd_base as `make model` writes it (fp16), at most two adapters loaded; its adapters
+    ink, sun and kohya_te; `fused`: the same model with ink fused by `make model LORA=`; `plain`: adapters
+    off. One tritonserver for the module."""
+    repo = tmp_path_factory.mktemp("adapters") / "model_repository"
+    shutil.copytree(
+        ROOT / "model_repository" / "sd_base", repo / "sd_base", ignore=shutil.ignore_patterns("1")
+    )
+    (repo / "sd_base" / "1").mkdir()
+    shutil.copy2(ROOT / "model_repository" / "sd_base" / "1" / "model.py", repo / "sd_base" / "1")
+    base = str(loras / "base")
+    repository.add(repo, "base", "sd_base", base)
+    repository.add(repo, "fused", "sd_base", base, lora=str(loras / "ink" / "lora.safetensors"))
+    repository.add(repo, "plain", "sd_base", base)
+    shutil.rmtree(repo / "sd_base")  # only the template of make model
+    with_parameters(repo / "base", {"max_adapters": "2"})
+    with_parameters(repo / "plain", {"adapters": "none"})
+    make_adapter.add(repo, "base", "ink", str(loras / "ink" / "lora.safetensors"))
+    make_adapter.add(repo, "base", "sun", str(loras / "sun" / "lora.safetensors"))
+    make_adapter.add(repo, "base", "kohya_te", str(loras / "kohya_te.safetensors"))
+    log_file = repo.parent / "tritonserver.log"
+    with TritonServer(repo, log_file=log_file) as server:
+        server.repository, server.log = repo, log_file
+        yield server
+
+
+def generate(server, model="base", **gen_args):
+    """(status, image as an array) through the server, the AWS sample's body."""
+    body = sample_payload(prompt="a lighthouse", gen_args=json.dumps({**STYLE, **gen_args}))
+    status, answer = post(server, f"/v2/models/{model}/infer", body)
+    if status != 200:
+        return status, answer.get("error", "")
+    data = base64.b64decode(answer["outputs"][0]["data"][0])
+    return status, np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+def image(server, model="base", **gen_args):
+    status, result = generate(server, model, **gen_args)
+    assert status == 200, result
+    return result
+
+
+def test_a_request_without_adapters_is_served_as_the_model_alone(served):
+    alone = image(served, "plain")
+    assert np.array_equal(image(served), alone)  # before any adapter
+    assert not np.array_equal(image(served, lora="ink"), alone)
+    assert np.array_equal(image(served), alone)  # after one: its weights are copied back, not computed
+    assert np.array_equal(image(served, lora="ink", lora_scale=0.0), alone)
+    assert np.array_equal(
+        image(served, lora=[{"name": "ink", "scale": 0}, {"name": "sun", "scale": 0}]), alone
+    )
+
+
+def test_an_adapter_gives_the_image_of_the_same_lora_fused_by_make_model(served):
+    adapted, fused = image(served, lora="ink"), image(served, "fused")
+    # make model rounds base + LoRA to fp16 once on disk; the adapter adds the LoRA in fp32 to the fp16
+    # weights on this CPU (fp32 serving): the same math, rounded differently.
+    assert np.abs(adapted - fused).max() <= 1, np.abs(adapted - fused).max()
+    assert not np.array_equal(adapted, image(served))
+
+
+def test_stacked_adapters_differ_from_each_alone_and_scale_counts(served):
+    ink, sun = image(served, lora="ink"), image(served, lora="sun")
+    both = image(served, lora=["ink", "sun"])
+    assert not np.array_equal(both, ink) and not np.array_equal(both, sun)
+    half = image(served, lora="ink", lora_scale=0.5)
+    assert not np.array_equal(half, ink) and not np.array_equal(half, image(served))
+    assert np.array_equal(image(served, lora=[{"name": "ink", "scale": 0.5}]), half)  # both forms alike
+
+
+def test_a_kohya_lora_with_text_encoder_layers_is_served(served, loras):
+    record = json.loads((served.repository / "base" / "adapters" / "kohya_te.json").read_text())
+    assert record["format"] == "kohya" and record["layers"]["text_encoder"] > 0 and record["rank"] == 2
+    assert not np.array_equal(image(served, lora="kohya_te"), image(served))
+
+
+def test_two_adapters_in_one_execute_run_as_two_pipeline_calls(served):
+    """Two requests that queue behind a running call share the next execute(); their adapters differ, so
+    they run as two pipeline calls, each with its own adapter."""
+    alone = {name: image(served, lora=name) for name in ("ink", "sun")}
+    before = serving.model_stats(served.url, "base")
+    calls_before = served.log.read_text().count("base: 1 request(s), 1 image(s) in one call")
+    blocker = {**STYLE, "num_inference_steps": 30, "height": 256, "width": 256}
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(generate, served, **blocker)
+        time.sleep(0.3)
+        queued = [pool.submit(generate, served, lora=name) for name in ("ink", "sun")]
+        results = [future.result() for future in queued]
+        assert running.result()[0] == 200
+    after = serving.counted(served.url, "base", before, 3)
+    assert after["execution_count"] - before["execution_count"] == 2  # the blocker, then both together
+    calls = served.log.read_text().count("base: 1 request(s), 1 image(s) in one call") - calls_before
+    assert calls == 3  # the blocker's, then one per adapter in the shared execute()
+    for (status, result), name in zip(results, ("ink", "sun")):
+        assert status == 200 and np.array_equal(result, alone[name]), name
+
+
+def test_the_least_recently_used_adapter_is_unloaded_and_loads_again(served):
+    first = image(served, lora="ink")
+    image(served, lora="sun")
+    image(served, lora="kohya_te")  # a third with two allowed: ink goes
+    assert "base: adapter ink unloaded (least recently used; 2 stay loaded)" in served.log.read_text()
+    loads = served.log.read_text().count("base: adapter ink loaded from")
+    assert np.array_equal(image(served, lora="ink"), first)
+    assert served.log.read_text().count("base: adapter ink loaded from") == loads + 1
+
+
+def test_an_adapter_added_while_the_model_serves_is_served(served, loras):
+    status, message = generate(served, lora="late")
+    assert status == 400 and "unknown adapter late for base" in message
+    assert "its adapters are the .safetensors files there" in message
+    make_adapter.add(served.repository, "base", "late", str(loras / "sun" / "lora.safetensors"))
+    assert np.array_equal(image(served, lora="late"), image(served, lora="sun"))
+
+
+def bad_adapter(served, name, tensors=None, record=None):
+    """An adapter put in the store by hand, bypassing make adapter's checks."""
+    folder = served.repository / "base" / "adapters"
+    good = folder / "ink.safetensors"
+    shutil.copy2(good, folder / f"{name}.safetensors")
+    if tensors is not None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, folder / f"{name}.safetensors")
+    record = record or {"bytes": (folder / f"{name}.safetensors").stat().st_size}
+    record.setdefault("sha256", files.sha256(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(record))
+    return folder / f"{name}.safetensors"
+
+
+def test_bad_adapters_fail_alone_with_a_400_naming_them(served, loras):
+    from safetensors.torch import load_file
+
+    folder = served.repository / "base" / "adapters"
+    truncated = bad_adapter(served, "truncated")
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    corrupt = bad_adapter(served, "corrupt")
+    data = bytearray(corrupt.read_bytes())
+    data[-10] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    oversized = bad_adapter(served, "oversized", record={"bytes": files.MAX_BYTES + 1, "sha256": "0" * 64})
+    with open(oversized, "r+b") as f:  # sparse: no disk spent
+        f.truncate(files.MAX_BYTES + 1)
+    ink = load_file(folder / "ink.safetensors")
+    bad_adapter(served, "elsewhere", {k.replace("unet.", "unet.extra_", 1): v for k, v in ink.items()})
+    wide = {k: torch.cat([v, v], dim=1) if "lora_A" in k else v for k, v in ink.items()}
+    bad_adapter(served, "wider", wide)
+    bad_adapter(served, "foreign", {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)})
+    (folder / "malformed.json").write_text("{not json")
+    (folder / "malformed.safetensors").write_bytes(b"\x00" * 100)
+    cases = {
+        "truncated": "is not the file its record describes",
+        "corrupt": "is not the file its record describes",
+        "oversized": "bytes; at most 536,870,912 (512 MiB)",
+        "elsewhere": "which this model does not have: a LoRA for another model?",
+        "wider": "does not fit unet.",
+        "foreign": "which is not in this project's adapter format",
+        "nope": "unknown adapter nope for base",
+        "../ink": "is not an adapter name",
+        "s3://bucket/ink": "is not an adapter name",
+    }
+    for name, message in cases.items():
+        status, error = generate(served, lora=name)
+        assert status == 400 and message in error and name.split("/")[-1] in error, (name, error)
+        assert np.array_equal(image(served, lora="ink"), image(served, lora="ink"))  # serving goes on
+    status, error = generate(served, lora="malformed")
+    assert status == 400 and "malformed" in error, error
+    good = image(served, lora="ink")
+    status, error = generate(served, lora=["ink", "nope"])
+    assert status == 400 and "unknown adapter nope" in error
+    assert np.array_equal(image(served, lora="ink"), good)
+
+
+def test_a_model_with_adapters_off_says_so(served):
+    status, error = generate(served, "plain", lora="ink")
+    assert status == 400 and "serves no adapters" in error
+
+
+def test_make_adapter_checks_before_writing(loras, tmp_path):
+    repo = tmp_path / "model_repository"
+    shutil.copytree(
+        ROOT / "model_repository" / "sd_base", repo / "sd_base", ignore=shutil.ignore_patterns("1")
+    )
+    (repo / "sd_base" / "1").mkdir()
+    shutil.copy2(ROOT / "model_repository" / "sd_base" / "1" / "model.py", repo / "sd_base" / "1")
+    repository.add(repo, "mine", "sd_base", str(loras / "base"))
+    (tmp_path / "lora.ckpt").write_bytes(b"never read")
+    for name, source, message in [
+        ("x", loras / "upscaler" / "lora.safetensors", "does not fit this model"),
+        ("x", tmp_path / "lora.ckpt", "pickled files are never loaded"),
+        ("x", tmp_path / "missing.safetensors", "no such file"),
+        ("../x", loras / "ink" / "lora.safetensors", "is not an adapter name"),
+    ]:
+        with pytest.raises(files.AdapterError, match=message):
+            make_adapter.add(repo, "mine", name, str(source))
+        assert not (repo / "mine" / "adapters").exists() or not list((repo / "mine" / "adapters").iterdir())
+    with pytest.raises(files.AdapterError, match="no model nobody"):
+        make_adapter.add(repo, "nobody", "x", str(loras / "ink" / "lora.safetensors"))
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "adapter",
+            "NAME=ink",
+            "MODEL=mine",
+            f"FILE={loras / 'ink' / 'lora.safetensors'}",
+            f"REPOSITORY={repo}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((repo / "mine" / "adapters" / "ink.json").read_text())
+    assert record["sha256"] == files.sha256(repo / "mine" / "adapters" / "ink.safetensors")
+    assert record["layers"] == {"unet": 32, "text_encoder": 0} and record["format"] == "diffusers"
+    again = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "adapter",
+            "NAME=ink",
+            "MODEL=mine",
+            f"FILE={loras / 'ink' / 'lora.safetensors'}",
+            f"REPOSITORY={repo}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode != 0 and "exists; pass FORCE=1" in again.stderr
+
+
+def test_kohya_and_diffusers_files_of_one_lora_are_stored_alike(loras, tmp_path):
+    architecture = files.empty_architecture(tiny.sd_base().unet.config, tiny.sd_base().text_encoder.config)
+    canonical, info = files.convert(loras / "ink" / "lora.safetensors", architecture)
+    from safetensors.torch import save_file
+
+    save_file(canonical, tmp_path / "ink.safetensors")
+    kohya = brought.write_kohya(tmp_path / "ink.safetensors", tmp_path / "ink_kohya.safetensors")
+    again, kohya_info = files.convert(
+        kohya, files.empty_architecture(tiny.sd_base().unet.config, tiny.sd_base().text_encoder.config)
+    )
+    assert info["format"] == "diffusers" and kohya_info["format"] == "kohya"
+    assert canonical.keys() == again.keys()
+    assert all(torch.allclose(canonical[k], again[k]) for k in canonical)
+
+
+@pytest.mark.parametrize("lora", ["ink/lora.safetensors", "kohya_te.safetensors"])
+def test_fusing_matches_diffusers_own_fuse_lora(loras, lora):
+    """The weights an adapter is served with are those of diffusers' load_lora_weights + fuse_lora, and
+    unfusing gives back exactly the loaded weights."""
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(loras / "base")
+    reference.load_lora_weights(str(loras / lora), adapter_name="x")
+    reference.fuse_lora(lora_scale=0.7, adapter_names=["x"])
+    reference.unload_lora_weights()
+    mine = diffusers.StableDiffusionPipeline.from_pretrained(loras / "base")
+    modules = {"unet": mine.unet, "text_encoder": mine.text_encoder}
+    loaded = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in modules.items()}
+    architecture = files.empty_architecture(mine.unet.config, mine.text_encoder.config)
+    tensors, _ = files.convert(loras / lora, architecture)
+    fuser = Fuser(modules)
+    fuser.apply([("x", files.layers_of(tensors, modules, InvalidInput), 0.7)])
+    for component, module in modules.items():
+        ours, theirs = module.state_dict(), getattr(reference, component).state_dict()
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours), component
+    fuser.apply([])
+    for component, module in modules.items():
+        assert all(torch.equal(v, loaded[component][k]) for k, v in module.state_dict().items())
+
+
+def test_the_lora_gen_args_are_declared_once():
+    spec = MODELS["sd_base"]
+    assert spec.validate_args({"lora": "ink"})["lora"] == (("ink", 1.0),)
+    assert spec.validate_args({"lora": "ink", "lora_scale": 0.5})["lora"] == (("ink", 0.5),)
+    assert spec.validate_args({"lora": ["ink", {"name": "sun", "scale": 2}]})["lora"] == (
+        ("ink", 1.0),
+        ("sun", 2.0),
+    )
+    assert spec.validate_args({"lora": []})["lora"] is None
+    for given, message in [
+        ({"lora": "a/b"}, "not an adapter name"),
+        ({"lora": "x" * 129}, "not an adapter name"),
+        ({"lora": ["a", "b", "c", "d"]}, "at most 3 can be stacked"),
+        ({"lora": ["a", "a"]}, "names a more than once"),
+        ({"lora": [{"name": "a", "scale": 2.5}]}, "lora\\[0\\].scale=2.5 is out of range"),
+        ({"lora": [{"name": "a", "weight": 1}]}, 'must be an adapter name or {"name"'),
+        ({"lora": ["a"], "lora_scale": 0.5}, "with a list, give each its"),
+        ({"lora_scale": 0.5}, "lora_scale is the strength of the one adapter"),
+        ({"lora": 3}, "must be a string or a list"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            spec.validate_args(given)
