@@ -341,3 +341,112 @@ def test_the_lora_gen_args_are_declared_once():
     ]:
         with pytest.raises(InvalidInput, match=message):
             spec.validate_args(given)
+
+
+def test_adapters_swap_on_a_compiled_unet_without_recompiling(served):
+    """compile (inductor, on CPU here) with adapters: fused in place, so a swap changes weights the compiled
+    graph reads and recompiles nothing; the images are the eager ones up to rounding."""
+    from torch._dynamo.utils import counters
+
+    from sdmme import adapters, batching, pipelines
+
+    folder = served.repository / "base"
+    weights = folder / "1" / "weights"
+    runners = {}
+    for mode in ("none", "default"):
+        settings = pipelines.Settings(compile=mode)
+        pipeline = pipelines.load(MODELS["sd_base"], weights, torch.device("cpu"), settings)
+        runners[mode] = pipelines.Runner(pipeline, adapters.for_model("base", folder, settings, pipeline))
+
+    def run(mode, lora):
+        job = batching.warmup_job(MODELS["sd_base"], 64, steps=2)
+        job.args["lora"] = lora
+        [[result]] = batching.run(runners[mode], [job])
+        return np.asarray(result, dtype=np.int16)
+
+    run("default", None)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the counter counts this compilation
+    order = (None, (("ink", 1.0),), (("sun", 0.5),), (("ink", 1.0), ("sun", 0.5)))
+    compiled = {lora: run("default", lora) for lora in order}
+    assert np.array_equal(run("default", None), compiled[None])  # and back to the model alone
+    assert counters["stats"]["unique_graphs"] == graphs, "a swap recompiled the UNet"
+    for lora, result in compiled.items():
+        assert np.abs(result - run("none", lora)).max() <= 2, lora
+    assert not np.array_equal(compiled[(("ink", 1.0),)], compiled[None])
+
+
+@pytest.fixture()
+def s3_store(aws, served, tmp_path):
+    """An S3 store on moto holding base's adapters as make upload puts them, with a cache of its own."""
+    from conftest import remove_bucket
+
+    from deploy import upload
+    from sdmme.adapters.store import S3Store
+
+    client = upload.s3_client()
+    client.create_bucket(Bucket="stores")
+    upload.upload(client, [], "stores", "p", adapters=upload.adapter_files(served.repository))
+    store = S3Store("s3://stores/p/adapters/base/", tmp_path / "cache", 10**9, client=client)
+    yield store
+    remove_bucket(client, "stores")
+
+
+def fetched(caplog, name) -> int:
+    return sum(1 for r in caplog.records if r.getMessage().startswith(f"adapter {name}: fetched from"))
+
+
+def test_concurrent_first_uses_of_a_cold_adapter_fetch_it_once(s3_store, caplog):
+    record = s3_store.record("ink")
+    with caplog.at_level("INFO", logger="sdmme"), ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: s3_store.path("ink", record), range(4)))
+    assert len(set(paths)) == 1 and files.sha256(paths[0]) == record["sha256"]
+    assert fetched(caplog, "ink") == 1
+    assert {"ink", "sun", "kohya_te"} <= set(s3_store.names())
+
+
+def test_the_disk_cache_is_bounded_and_refetches(s3_store, caplog):
+    ink, sun = s3_store.record("ink"), s3_store.record("sun")
+    s3_store.cache_bytes = ink["bytes"] + sun["bytes"] // 2  # room for one of them
+    with caplog.at_level("INFO", logger="sdmme"):
+        first = s3_store.path("ink", ink)
+        s3_store.path("sun", sun)
+        assert not first.exists()  # the least recently used went
+        assert s3_store.path("ink", ink).exists()
+    assert fetched(caplog, "ink") == 2 and "(least recently used) to stay under" in caplog.text
+
+
+def test_a_bad_or_missing_file_in_s3_is_refused_and_never_cached(s3_store):
+    client, key = s3_store.s3, s3_store.key("ink.safetensors")
+    good = client.get_object(Bucket="stores", Key=key)["Body"].read()
+    client.put_object(Bucket="stores", Key=key, Body=good[:-50])
+    with pytest.raises(
+        files.AdapterError, match="adapter ink in s3://stores/p/adapters/base/ is not the file"
+    ):
+        s3_store.path("ink", s3_store.record("ink"))
+    assert not list(s3_store.cache.glob("*.safetensors*"))
+    client.delete_object(Bucket="stores", Key=key)
+    with pytest.raises(files.AdapterError, match="has a record but no ink.safetensors"):
+        s3_store.path("ink", s3_store.record("ink"))
+    assert s3_store.record("nope") is None
+
+
+def test_a_store_that_does_not_answer_fails_its_requests_retryably(tmp_path):
+    import boto3
+    from botocore.config import Config
+
+    from deploy.tritonserver import free_port
+    from sdmme.adapters import StoreError
+    from sdmme.adapters.store import S3Store
+
+    closed = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        region_name="us-east-1",
+        config=Config(connect_timeout=1, retries={"max_attempts": 1}),
+    )
+    store = S3Store("s3://b/adapters/m/", tmp_path, 10**6, client=closed)
+    with pytest.raises(StoreError, match="the adapter store s3://b/adapters/m/ did not answer for ink.json"):
+        store.record("ink")

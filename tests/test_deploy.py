@@ -9,7 +9,7 @@ import boto3
 import pytest
 from conftest import ROOT, remove_bucket
 
-from deploy import containers, sagemaker
+from deploy import containers, sagemaker, upload
 from deploy.upload import ENV_KEY, PYTHON_KEY, SHA_KEY
 
 BUCKET, PREFIX, ROLE = "deploy-models", "sd/v2", "arn:aws:iam::123456789012:role/sd-mme"
@@ -75,6 +75,7 @@ def test_deploy_update_autoscale_and_teardown(archives, capsys):
     assert container["Mode"] == "MultiModel" and container["ModelDataUrl"] == f"s3://{BUCKET}/{PREFIX}/"
     assert container["Image"].endswith("sagemaker-tritonserver:25.04-py3")
     assert container["Environment"]["SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE"] == "16777216"
+    assert container["Environment"]["SDMME_ADAPTERS"] == f"s3://{BUCKET}/{PREFIX}/adapters/"  # make upload's
 
     time.sleep(1.1)  # a new timestamped name for the new configuration
     second = sagemaker.deploy(settings(instance_count=2, min_instances=1, max_instances=3), poll=0.1)
@@ -149,8 +150,11 @@ def test_iam_policy_reads_only_the_prefix():
         text=True,
     ).stdout
     statements = {s["Sid"]: s for s in json.loads(out)["Statement"]}
-    assert statements["ReadModelArchives"]["Resource"] == ["arn:aws:s3:::b/p/q/*"]
-    assert statements["ReadModelArchives"]["Action"] == ["s3:GetObject"]
+    read = statements["ReadModelArchivesAndAdapters"]
+    # adapters are under the prefix (s3://b/p/q/adapters/<model>/), read and listed by the same grants
+    assert read["Resource"] == ["arn:aws:s3:::b/p/q/*"] and read["Action"] == ["s3:GetObject"]
+    assert upload.adapters_root("b", "p/q").startswith("s3://b/p/q/")
+    assert statements["ListModelPrefix"]["Condition"]["StringLike"]["s3:prefix"] == ["p/q/*"]
     assert not any("s3:PutObject" in s["Action"] for s in statements.values())
 
 

@@ -25,7 +25,8 @@ from client.base import binary_request, request_body
 from client.cli import main as cli
 from deploy import package, tarball, upload
 from deploy.mme.service import LocalEndpoint
-from sdmme import repository
+from sdmme import repository, tiny
+from sdmme.adapters import __main__ as make_adapter
 
 BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
 FAST = json.dumps({"num_inference_steps": 2, "seed": 1})
@@ -122,6 +123,7 @@ def mme(packed_env, tiny_repository, moto_url, tmp_path_factory):
             endpoint.serve_in_background()
             endpoint.runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url)
             endpoint.archives = {path.name: path for path in archives}
+            endpoint.tiny_repository, endpoint.work = tiny_repository, work
             yield endpoint
         remove_bucket(s3, BUCKET)
     shutil.rmtree(work)
@@ -441,6 +443,76 @@ def test_concurrent_cold_loads_stay_within_the_limit(mme):
     assert {target: loads_in_log(mme, target) - before[target] for target, _ in calls} == {
         target: 1 for target, _ in calls
     }
+
+
+def adapter_repository(mme, folder):
+    """sd_base's folder as make adapter reads it (config and weights), its adapters made from the LoRA
+    that my_lora.tar.gz has fused in, and another."""
+    source = mme.tiny_repository / "sd_base"
+    shutil.copytree(source, folder / "sd_base", ignore=shutil.ignore_patterns("adapters"))
+    lora = mme.work / "brought" / "lora" / "lora.safetensors"
+    make_adapter.add(folder, "sd_base", "ink", str(lora))
+    brought.write_lora(tiny.sd_base(), folder / "sun_lora", seed=11)
+    return folder, folder / "sun_lora" / "lora.safetensors"
+
+
+def test_adapters_uploaded_while_the_endpoint_runs_are_served_from_s3(mme, tmp_path):
+    """make adapter, make upload, and invoke_endpoint with gen_args.lora: no new archive, no restart."""
+    s3 = boto3.client("s3")
+    repo, sun = adapter_repository(mme, tmp_path)
+    assert upload.upload(s3, [], BUCKET, PREFIX, adapters=upload.adapter_files(repo)) == {
+        f"{PREFIX}/adapters/sd_base/ink.safetensors": "uploaded",
+        f"{PREFIX}/adapters/sd_base/ink.json": "uploaded",
+    }
+    args = {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 5, "output_format": "png"}
+
+    def pixels(target, **extra):
+        image = invoke(mme, target, prompt="a cat", gen_args=json.dumps({**args, **extra}))
+        return np.asarray(image, dtype=np.int16)
+
+    alone, adapted = pixels("sd_base.tar.gz"), pixels("sd_base.tar.gz", lora="ink")
+    fused = pixels("my_lora.tar.gz")  # the same LoRA fused into an fp16 copy of the model by make model
+    assert np.abs(adapted - fused).max() < np.abs(alone - fused).max()
+    assert np.abs(adapted - fused).mean() < 1, np.abs(adapted - fused).mean()
+    assert np.array_equal(pixels("sd_base.tar.gz"), alone)
+
+    # A second adapter, uploaded now: its first requests, together, fetch it once.
+    make_adapter.add(repo, "sd_base", "sun", str(sun))
+    assert (
+        upload.upload(s3, [], BUCKET, PREFIX, adapters=upload.adapter_files(repo))[
+            f"{PREFIX}/adapters/sd_base/sun.json"
+        ]
+        == "uploaded"
+    )
+    log = mme.root / "tritonserver.log"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: pixels("sd_base.tar.gz", lora="sun"), range(4)))
+    assert all(np.array_equal(result, results[0]) for result in results)
+    assert not np.array_equal(results[0], alone) and not np.array_equal(results[0], adapted)
+    assert log.read_text().count("adapter sun: fetched from s3://mme-models/sd/v1/adapters/sd_base/") == 1
+
+    with urllib.request.urlopen(f"{mme.url}/models", timeout=30) as response:
+        listed = {m["target_model"]: m for m in json.loads(response.read())["models"]}
+    assert (
+        listed["sd_base.tar.gz"]["adapters"] == ["ink", "sun"] and listed["my_lora.tar.gz"]["adapters"] == []
+    )
+
+    # A record without its file and an unknown name fail alone, with the model's 400 and the name.
+    s3.put_object(
+        Bucket=BUCKET,
+        Key=f"{PREFIX}/adapters/sd_base/ghost.json",
+        Body=(repo / "sd_base" / "adapters" / "ink.json").read_bytes(),
+    )
+    for name, message in (
+        ("ghost", "has a record but no ghost.safetensors"),
+        ("nope", "unknown adapter nope"),
+    ):
+        with pytest.raises(ClientError) as e:
+            pixels("sd_base.tar.gz", lora=name)
+        error = e.value.response
+        assert error["OriginalStatusCode"] == 400 and message in error["OriginalMessage"], error
+        assert "s3://mme-models/sd/v1/adapters/sd_base/" in error["OriginalMessage"]
+    assert np.array_equal(pixels("sd_base.tar.gz", lora="ink"), adapted)
 
 
 def test_a_dead_tritonserver_is_restarted_and_models_reload(mme, caplog):

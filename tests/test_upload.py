@@ -106,3 +106,52 @@ def test_make_upload_command_line(s3, tmp_path):
     assert (
         refused.returncode != 0 and "make upload: refused" in refused.stderr and "--replace" in refused.stderr
     )
+
+
+def adapters_in(repository, model, **files):
+    """An adapter as make adapter leaves it: <name>.safetensors and its record."""
+    folder = repository / model / "adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    (repository / model / "config.pbtxt").write_text(f'name: "{model}"\n')
+    for name, payload in files.items():
+        (folder / f"{name}.safetensors").write_bytes(payload)
+        (folder / f"{name}.json").write_text(json.dumps({"name": name, "bytes": len(payload)}))
+    return repository
+
+
+def test_adapters_go_under_the_prefix_file_first_and_are_never_replaced_silently(s3, tmp_path):
+    repo = adapters_in(tmp_path / "repo", "sd_base", ink=b"i" * 100, sun=b"s" * 100)
+    adapters_in(repo, "my_style", ink=b"other" * 10)
+    listed = upload.adapter_files(repo)
+    keys = [key for _, key in listed]
+    assert keys == [
+        "adapters/my_style/ink.safetensors",
+        "adapters/my_style/ink.json",
+        "adapters/sd_base/ink.safetensors",
+        "adapters/sd_base/ink.json",
+        "adapters/sd_base/sun.safetensors",
+        "adapters/sd_base/sun.json",
+    ]  # each file before the record that says it is whole
+    archives = [archive(tmp_path / "sd_base.tar.gz", "sd_base", b"x")]
+    outcome = upload.upload(s3, archives, BUCKET, PREFIX, adapters=listed)
+    assert list(outcome) == [f"{PREFIX}/sd_base.tar.gz"] + [f"{PREFIX}/{key}" for key in keys]
+    assert set(outcome.values()) == {"uploaded"}
+    assert set(upload.upload(s3, archives, BUCKET, PREFIX, adapters=listed).values()) == {"unchanged"}
+    catalog = {item["target_model"]: item for item in upload.catalog(s3, BUCKET, PREFIX)}
+    assert catalog == {
+        "sd_base.tar.gz": {
+            "target_model": "sd_base.tar.gz",
+            "kind": "unknown",
+            "bytes": archives[0].stat().st_size,
+            "model": "sd_base",
+            "adapters": ["ink", "sun"],
+        }
+    }
+    (repo / "sd_base" / "adapters" / "sun.safetensors").write_bytes(b"changed")
+    with pytest.raises(
+        upload.Refused, match="adapters/sd_base/sun.safetensors.*make adapter NAME=<new name>"
+    ):
+        upload.upload(s3, [], BUCKET, PREFIX, adapters=upload.adapter_files(repo))
+    (repo / "sd_base" / "adapters" / "sun.safetensors").unlink()
+    with pytest.raises(ValueError, match="sun.safetensors is missing beside its record"):
+        upload.adapter_files(repo)
