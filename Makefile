@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: FORCE venv lock weights weights-full weights-hub model adapter models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model adapter models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters clean
 
 # TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
@@ -167,6 +167,11 @@ bench-gpu: venv
 # about 12 minutes per model on 2 cores; MODELS= picks some); appends to docs/benchmarks.md.
 bench-coldstart: venv
 	$(PY) -m bench.coldstart $(if $(MODELS),--models $(MODELS))
+
+# A LoRA as an adapter of a warm model against the same LoRA as its own model, at full size, through the
+# local MME; and its cost per denoising step, unfused and fused (about 3 GB of disk, 15 minutes on 2 cores).
+bench-adapters: env
+	$(PY) -m bench.adapters
 
 docs: venv
 	$(PY) -m sdmme.docs

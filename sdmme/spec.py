@@ -107,6 +107,7 @@ def _fmt(x: float) -> str:
 # The environment variable that tells every model where the adapter stores are (make deploy and the local
 # MME set it to s3://BUCKET/PREFIX/adapters/, where make upload puts them): a model's is <that>/<model>/.
 ADAPTER_STORES_ENV = "SDMME_ADAPTERS"
+ADAPTER_CACHE_ENV = "SDMME_ADAPTER_CACHE"  # the disk cache's folder (default: the temporary folder's)
 # An adapter's name: a file name in its store and part of an S3 key, never a path or a URL.
 ADAPTER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_STACKED_ADAPTERS = 3

@@ -167,3 +167,17 @@ def test_make_bench_sections_against_a_real_server(server, tiny_repository):
     json_bytes = int(lines[1].split("response ")[1].split()[0])
     binary_bytes = int(lines[2].split("response ")[1].split()[0])
     assert binary_bytes < json_bytes
+
+
+def test_bench_adapters_runs_its_measurements_through_the_local_mme(packed_env, tmp_path):
+    """`make bench-adapters` with tiny weights: every figure of its report is measured, none made up."""
+    from bench import adapters
+
+    results = adapters.measure("tiny", 2, packed_env[0], repeats=1, rounds=1, side=64, work=tmp_path)
+    assert set(results["per_step"]) == {"model alone", "LoRA unfused (PEFT)", "LoRA fused"}
+    assert len(results["fetch_s"]) == 2 and len(results["load_s"]) == 2  # two adapters, each fetched once
+    assert results["fuse_s"] and results["unfuse_s"]
+    assert results["adapter_bytes"] < results["archive_bytes"]["sd_base_ink.tar.gz"]
+    assert all(rss > 0 for rss in results["rss"].values())  # each stub process found
+    text = adapters.report(results, "this machine", 64)
+    assert "| S3 bytes |" in text and "A cold adapter added" in text

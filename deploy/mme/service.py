@@ -11,7 +11,7 @@ from typing import Optional
 from deploy.mme import endpoint, frontend
 from deploy.tritonserver import free_port
 from deploy.upload import adapters_root, s3_client
-from sdmme.spec import ADAPTER_STORES_ENV
+from sdmme.spec import ADAPTER_CACHE_ENV, ADAPTER_STORES_ENV
 
 log = logging.getLogger("mme")
 AWS_SETTINGS = (
@@ -46,6 +46,7 @@ class LocalEndpoint:
         # this machine's AWS settings, so that models reach the same S3 (a local one too).
         self.container_env = {
             ADAPTER_STORES_ENV: adapters_root(bucket, prefix),
+            ADAPTER_CACHE_ENV: str(root / "adapter-cache"),  # on the instance's disk, as the models are
             **{key: value for key, value in os.environ.items() if key in AWS_SETTINGS},
         }
         if s3_endpoint_url:

@@ -26,7 +26,7 @@ import torch
 from sdmme.adapters.files import COMPONENTS, AdapterError, Layers, read
 from sdmme.adapters.fusing import Fuser
 from sdmme.adapters.store import LocalStore, StoreError, open_store
-from sdmme.spec import ADAPTER_STORES_ENV
+from sdmme.spec import ADAPTER_CACHE_ENV, ADAPTER_STORES_ENV
 from sdmme.spec import Adapters as Requested
 
 log = logging.getLogger("sdmme")
@@ -81,10 +81,9 @@ class Adapters:
         chosen = [(self._get(name), scale) for name, scale in requested or ()]
         seconds = self.fuser.apply([(adapter.key, adapter.layers, scale) for adapter, scale in chosen])
         if seconds:
-            what = (
-                ", ".join(f"{name}@{scale:g}" for name, scale in requested or ()) or "none (the model alone)"
-            )
-            log.info("%s: adapters %s fused in %.3fs", self.label, what, seconds)
+            what = ", ".join(f"{name}@{scale:g}" for name, scale in requested or ())
+            done = f"fused {what}" if what else "back to the model alone"
+            log.info("%s: %s in %.3fs", self.label, done, seconds)
 
     def _get(self, name: str) -> Resident:
         if name in self.resident:
@@ -140,7 +139,7 @@ def for_model(label: str, folder: Path, settings, pipeline) -> Optional[Adapters
     if location is None:
         return None
     digest = sha256(location.encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "sdmme-adapters" / digest
+    cache = Path(os.environ.get(ADAPTER_CACHE_ENV) or Path(tempfile.gettempdir()) / "sdmme-adapters") / digest
     store = open_store(location, cache, int(settings.adapter_cache_mb * 1e6))
     modules = {component: getattr(pipeline, component, None) for component in COMPONENTS}
     log.info("%s: adapters from %s (at most %d loaded at once)", label, location, settings.max_adapters)
