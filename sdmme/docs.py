@@ -54,16 +54,14 @@ def settings_table() -> str:
     from sdmme import pipelines  # torch and diffusers: only `make docs` and the tests import this
 
     def show(value) -> str:
-        return f"`{str(value).lower() if isinstance(value, bool) else value}`"
+        return f"`{str(value).lower() if isinstance(value, bool) else value}`" if value != "" else "(empty)"
 
     lines = [
         "| parameter | values | GPU default | CPU default | what it does |",
         "|---|---|---|---|---|",
     ]
     for field in dataclasses.fields(pipelines.Settings):
-        values = pipelines.CHOICES.get(
-            field.name, ("seconds",) if field.type in (float, "float") else ("true", "false")
-        )
+        values = pipelines.CHOICES.get(field.name) or (field.metadata["values"] or "true, false",)
         gpu, cpu = getattr(pipelines.GPU_DEFAULTS, field.name), getattr(pipelines.CPU_DEFAULTS, field.name)
         lines.append(
             f"| `{field.name}` | {', '.join(values)} | {show(gpu)} | {show(cpu)} | {field.metadata['help']} |"

@@ -48,8 +48,9 @@ CHOICES = {
 OTHER_PARAMETERS = ("EXECUTION_ENV_PATH", KIND_PARAMETER)
 
 
-def _setting(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
+def _setting(default, help: str, values: str = ""):
+    """A setting with what it does and, beyond a choice or true/false, the values it takes (README)."""
+    return dataclasses.field(default=default, metadata={"help": help, "values": values})
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,20 @@ class Settings:
         30.0,
         "Refuse up front a request whose time, measured at load, exceeds this; with the queue's 30 s, "
         "SageMaker's 60 s. 0: no limit.",
+        "seconds",
     )
     adapters: str = _setting(
         "",
         "Where the model's adapters are (README: Adapters): a folder (relative to the model's) or "
         "s3://bucket/prefix/; none: no adapters. Empty: $SDMME_ADAPTERS/<model>/ when set (make deploy, "
         "the local MME), else the model's adapters/ folder.",
+        "a folder, s3://bucket/prefix/, none",
     )
-    max_adapters: int = _setting(8, "Adapters kept loaded on the device; the least recently used goes.")
+    max_adapters: int = _setting(
+        8, "Adapters kept loaded on the device; the least recently used goes.", "a count, 1 or more"
+    )
     adapter_cache_mb: float = _setting(
-        4096.0, "Disk for adapters fetched from S3; the least recently used file goes."
+        4096.0, "Disk for adapters fetched from S3; the least recently used file goes.", "megabytes"
     )
 
     @classmethod
