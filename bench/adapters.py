@@ -143,8 +143,10 @@ def measure(
         shutil.copytree(
             ROOT / "model_repository" / "sd_base", repo / "sd_base", ignore=shutil.ignore_patterns("weights")
         )
-    weights.fill(repo, "sd_base", weights_source)
     weights_folder = weights.weights_dir(repo, "sd_base")
+    marker = weights_folder / weights.SOURCE_FILE  # kept between runs; replaced when the kind differs
+    other = marker.exists() and json.loads(marker.read_text())["source"] != weights_source
+    weights.fill(repo, "sd_base", weights_source, force=other)
     shutil.rmtree(repo / "sd_base" / "adapters", ignore_errors=True)
     loras = {
         name: write_lora(weights_folder, work / "loras" / name, rank, seed)

@@ -105,9 +105,7 @@ class DiffusionModel:
         self.budget = settings.time_budget_s
         try:
             pipeline = pipelines.load(self.spec, weights, device, settings)
-            self.runner = pipelines.Runner(
-                pipeline, adapters.for_model(self.name, folder, settings, pipeline)
-            )
+            self.runner = pipelines.Runner(pipeline, adapters.for_model(folder, settings, pipeline))
             if settings.compile != "none":
                 warm = time.monotonic()
                 batching.run(self.runner, [batching.warmup_job(self.spec)])

@@ -356,7 +356,7 @@ def test_adapters_swap_on_a_compiled_unet_without_recompiling(served):
     for mode in ("none", "default"):
         settings = pipelines.Settings(compile=mode)
         pipeline = pipelines.load(MODELS["sd_base"], weights, torch.device("cpu"), settings)
-        runners[mode] = pipelines.Runner(pipeline, adapters.for_model("base", folder, settings, pipeline))
+        runners[mode] = pipelines.Runner(pipeline, adapters.for_model(folder, settings, pipeline))
 
     def run(mode, lora):
         job = batching.warmup_job(MODELS["sd_base"], 64, steps=2)

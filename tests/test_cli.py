@@ -77,3 +77,22 @@ except ImportError as e:
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "boto3" in out.stdout
+
+
+def test_lora_options_build_gen_args_lora(capsys):
+    from client.cli import adapters_arg
+
+    def lora(*argv):
+        return adapters_arg(build_parser().parse_args(["txt2img", "a", *argv]).lora)
+
+    assert lora("--lora", "ink") == "ink"  # the simple form, which --lora-scale applies to
+    assert lora("--lora", "ink:0.8") == [{"name": "ink", "scale": 0.8}]
+    assert lora("--lora", "ink", "--lora", "sun:0.5") == [{"name": "ink"}, {"name": "sun", "scale": 0.5}]
+    for bad, message in (
+        ("../ink", "not an adapter name"),
+        ("ink:3", "out of range"),
+        ("ink:x", "not a number"),
+    ):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["txt2img", "a", "--lora", bad])
+        assert message in capsys.readouterr().err

@@ -132,10 +132,12 @@ class Adapters:
         return adapter
 
 
-def for_model(label: str, folder: Path, settings, pipeline) -> Optional[Adapters]:
+def for_model(folder: Path, settings, pipeline) -> Optional[Adapters]:
     """The adapters of the model in `folder`, set up as its settings say (pipelines.Settings: adapters,
-    max_adapters, adapter_cache_mb); None when it serves none."""
-    location = store_location(settings.adapters, model_name(folder), folder)
+    max_adapters, adapter_cache_mb); None when it serves none. Named in logs and errors as its archive
+    names it (on an endpoint, Triton's name for it is a hash of the TargetModel)."""
+    label = model_name(folder)
+    location = store_location(settings.adapters, label, folder)
     if location is None:
         return None
     digest = sha256(location.encode()).hexdigest()[:16]
