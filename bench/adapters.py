@@ -28,10 +28,10 @@ from typing import Dict, List
 
 import torch
 
+from bench.local_s3 import local_s3
 from client import base
 from deploy import package, upload
 from deploy.mme.service import LocalEndpoint
-from deploy.tritonserver import free_port
 from env import build
 from sdmme import repository, weights
 from sdmme.adapters import __main__ as make_adapter
@@ -135,8 +135,6 @@ def logged(log: Path, pattern: str) -> List[float]:
 def measure(
     weights_source: str, rank: int, env_dir: Path, repeats: int, rounds: int, side: int, work: Path = WORK
 ) -> Dict:
-    from boto3.s3.transfer import TransferConfig
-    from moto.server import ThreadedMotoServer
 
     repo = work / "model_repository"
     if not (repo / "sd_base").exists():
@@ -168,20 +166,10 @@ def measure(
     archives = package.package(repo, ["sd_base", "sd_base_ink"], dist, env_dir, str(env_dir))
     results["archive_bytes"] = {path.name: path.stat().st_size for path in archives}
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
-        os.environ[key] = value  # moto's S3 on loopback, never AWS
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    url = f"http://127.0.0.1:{port}"
-    single = TransferConfig(multipart_threshold=1 << 40, use_threads=False)
-    s3 = upload.s3_client(url)
-    s3.create_bucket(Bucket="bench")
     root = work / "mme"
     shutil.rmtree(root, ignore_errors=True)
     python = build.verified_manifest(env_dir)["python"]
-    try:
+    with local_s3("bench") as (url, s3, single):
         upload.upload(s3, archives, "bench", "models", config=single)
         with LocalEndpoint(
             "bench", "models", root, max_models=2, s3_endpoint_url=url, python_version=python
@@ -220,10 +208,8 @@ def measure(
                 "with two adapters": rss_adapters,
                 "own model": rss["sd_base_ink.tar.gz"],
             }
-    finally:
-        moto.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(dist, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(dist, ignore_errors=True)
     return results
 
 

@@ -30,10 +30,10 @@ from typing import Dict, List
 from PIL import Image
 from safetensors.torch import load_file
 
+from bench.local_s3 import local_s3
 from client import base
 from deploy import package, tarball, upload
 from deploy.mme.service import LocalEndpoint
-from deploy.tritonserver import free_port
 from env import build
 from sdmme import weights
 from sdmme.spec import MODELS
@@ -103,9 +103,6 @@ def weights_read_s(folder: Path) -> float:
 
 def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
     """`python`: the environment's version (its backend stub)."""
-    from boto3.s3.transfer import TransferConfig
-    from moto.server import ThreadedMotoServer
-
     repository = WORK / "model_repository"
     if not repository.exists():
         shutil.copytree(ROOT / "model_repository", repository, ignore=shutil.ignore_patterns("weights"))
@@ -113,19 +110,8 @@ def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
     if not env_tar.exists():
         members = [(p, p.name) for p in sorted(env_dir.iterdir())]
         tarball.write(env_tar, members, "environment as a .tar.gz (before)", compresslevel=1)
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
-        os.environ[key] = value  # moto's S3 on loopback, never AWS
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    url = f"http://127.0.0.1:{port}"
-    # One GET and one PUT per object: moto re-reads a whole object for every ranged GET.
-    single = TransferConfig(multipart_threshold=1 << 40, use_threads=False)
-    s3 = upload.s3_client(url)
-    s3.create_bucket(Bucket="bench")
     rows = []
-    try:
+    with local_s3("bench") as (url, s3, single):
         for model in models:
             weights.fill(repository, model, "full")
             read_s = weights_read_s(weights.weights_dir(repository, model))
@@ -155,8 +141,6 @@ def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
                 s3.delete_object(Bucket="bench", Key=f"{layout}/{model}.tar.gz")
                 say(json.dumps(rows[-1]))
             shutil.rmtree(weights.weights_dir(repository, model))  # disk: one model's weights at a time
-    finally:
-        moto.stop()
     return rows
 
 

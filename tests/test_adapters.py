@@ -246,38 +246,14 @@ def test_make_adapter_checks_before_writing(loras, tmp_path):
         assert not (repo / "mine" / "adapters").exists() or not list((repo / "mine" / "adapters").iterdir())
     with pytest.raises(files.AdapterError, match="no model nobody"):
         make_adapter.add(repo, "nobody", "x", str(loras / "ink" / "lora.safetensors"))
-    result = subprocess.run(
-        [
-            "make",
-            "--no-print-directory",
-            "adapter",
-            "NAME=ink",
-            "MODEL=mine",
-            f"FILE={loras / 'ink' / 'lora.safetensors'}",
-            f"REPOSITORY={repo}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    make = ["make", "--no-print-directory", "adapter", "NAME=ink", "MODEL=mine"]
+    ink = f"FILE={loras / 'ink' / 'lora.safetensors'}"
+    result = subprocess.run([*make, ink, f"REPOSITORY={repo}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     record = json.loads((repo / "mine" / "adapters" / "ink.json").read_text())
     assert record["sha256"] == files.sha256(repo / "mine" / "adapters" / "ink.safetensors")
     assert record["layers"] == {"unet": 32, "text_encoder": 0} and record["format"] == "diffusers"
-    again = subprocess.run(
-        [
-            "make",
-            "--no-print-directory",
-            "adapter",
-            "NAME=ink",
-            "MODEL=mine",
-            f"FILE={loras / 'ink' / 'lora.safetensors'}",
-            f"REPOSITORY={repo}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    again = subprocess.run([*make, ink, f"REPOSITORY={repo}"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode != 0 and "exists; pass FORCE=1" in again.stderr
 
 
