@@ -29,46 +29,21 @@ from typing import Dict, List
 import torch
 
 from bench.local_s3 import local_s3
+from bench.loras import write_lora
 from client import base
 from deploy import package, upload
 from deploy.mme.service import LocalEndpoint
 from env import build
 from sdmme import repository, weights
 from sdmme.adapters import __main__ as make_adapter
-from sdmme.adapters import files
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "adapters"
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 REQUEST = {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1}
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def write_lora(weights_folder: Path, dest: Path, rank: int, seed: int) -> Path:
-    """A random LoRA of the UNet's attention projections in diffusers' format, as its trainers write it
-    (built on the model's empty architecture: no weights are read)."""
-    import diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = files.architecture_of(weights_folder)["unet"]
-    torch.manual_seed(seed)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian")
-    )
-    layers = diffusers.utils.convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    for key, tensor in layers.items():  # trained LoRAs have non-zero up weights; gaussian init leaves them 0
-        if ".up." in key or "lora_B" in key:
-            tensor.copy_(torch.randn(tensor.shape) * 0.01)
-    dest.mkdir(parents=True, exist_ok=True)
-    layers = {k: v.to(torch.float16) for k, v in layers.items()}
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        dest, unet_lora_layers=layers, weight_name="lora.safetensors"
-    )
-    return dest / "lora.safetensors"
 
 
 def per_step(weights_folder: Path, lora: Path, side: int, rounds: int) -> Dict[str, float]:

@@ -4,8 +4,8 @@
 #
 # Here (registry access), once:   bash bench/device.sh wheels
 #   .whl/: every package of env/serving.lock but torch and what torch brings (the device's CUDA torch
-#   stays): the production versions of diffusers, transformers, huggingface_hub, numpy<2 (the backend stub
-#   needs it), ... (60 MB). .whl-triton/: nvidia-pytriton (tritonserver). Both git-ignored through
+#   stays), and peft: the production versions of diffusers, transformers, huggingface_hub, numpy<2
+#   (the backend stub needs it), ... (60 MB). .whl-triton/: nvidia-pytriton (tritonserver). Both git-ignored through
 #   .git/info/exclude. Too big for one call together.
 # There, two calls in a row (what one call installs stays in /tmp while the machine is warm):
 #   carry [".whl"]:         bash bench/device.sh run     make bench-gpu (full-size random weights)
@@ -67,7 +67,8 @@ print(", ".join(f"{p} {v(p)}" for p in ("torch", "diffusers", "transformers", "h
 case "${1:-}" in
 wheels)
     # shellcheck disable=SC2046  # one word per package
-    download .whl $(grep -v '^#' env/serving.lock | grep -v -E "$TORCH_AND_ITS_OWN")
+    # and peft (make adapter's reading of LoRAs, and bench-gpu's unfused row; serving needs none)
+    download .whl $(grep -v '^#' env/serving.lock | grep -v -E "$TORCH_AND_ITS_OWN") $(grep '^peft==' env/dev.lock)
     download .whl-triton "nvidia-pytriton==$("$python" -m pip show nvidia-pytriton | sed -n 's/^Version: //p')"
     du -sh .whl .whl-triton
     ;;

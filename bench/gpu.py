@@ -5,6 +5,8 @@ Measures, in one run, and appends to docs/benchmarks.md with the GPU, versions a
   (SDPA, xformers when installed, + channels_last, + fused QKV), in interleaved rounds;
 - images/s at batch 1, 4 and 8 with the fastest of them, and peak GPU memory;
 - each scheduler (gen_args.scheduler) with it: the default, PNDM, syncs with the GPU at every step;
+- adapters with it: a rank-64 LoRA of the attention projections fused (as served) and as PEFT's unfused
+  layers, the time to load one onto the GPU and fuse it, and a switch between two loaded ones;
 - depth and inpaint at 512x512; the upscaler at 128->512 and 256->1024 with and without VAE tiling;
 - the largest upscaler input that fits in the memory of the default instance's GPU (A10G, 24 GB);
 - last, the fastest setting + torch.compile, whose compile time is reported apart.
@@ -179,7 +181,7 @@ class Report(list):
 
 
 # what --skip can leave out; the settings and compile stay
-SECTIONS = ("batching", "schedulers", "models", "upscale-limit")
+SECTIONS = ("batching", "schedulers", "adapters", "models", "upscale-limit")
 
 
 def merged(results: List[Result]) -> Result:
@@ -266,6 +268,23 @@ def run(
             attempt(f"scheduler {name}", "sd_base", best_settings, [scheduled])
         lines.append("")
 
+    if "adapters" not in skip:
+        lines += [
+            f"Adapters with {best_label}: a rank-64 LoRA of the attention projections (random), "
+            f"{steps} steps:",
+            "",
+            HEADER,
+        ]
+        unload()
+        try:
+            lines += adapter_rows(bench, best_settings, base_job, steps)
+        except Exception as e:
+            lines.append(
+                f"| adapters | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')} | | | | | |"
+            )
+        pipelines.free_memory(bench.device)
+        lines.append("")
+
     if "models" not in skip:
         lines += [f"The other models with {best_label}, {steps} steps:", "", HEADER]
         attempt("sd_depth 512x512", "sd_depth", best_settings, [job("sd_depth", steps, 512)])
@@ -303,6 +322,55 @@ def run(
             ratio = compiled.seconds / best.seconds
             lines += ["", f"With compile: {ratio:.2f}x the latency of {best_label}."]
     return lines
+
+
+def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.Job, steps: int) -> List[str]:
+    """sd_base alone, with an adapter (fused, as served) and with the same LoRA as PEFT's layers (unfused);
+    then what loading and switching cost on this device."""
+    from bench.loras import write_lora
+    from sdmme import adapters
+    from sdmme.adapters import files
+
+    folder = bench.weight_folder("sd_base")
+    rank = 2 if bench.device.type == "cpu" else 64  # tests run this on CPU with tiny weights
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        for name, seed in (("ink", 1), ("sun", 2)):
+            lora = write_lora(folder, store / "loras" / name, rank, seed)
+            tensors, info = files.convert(lora, files.architecture_of(folder))
+            files.write(tensors, store / f"{name}.safetensors", {"name": name, **info})
+        settings = replace(settings, adapters=str(store))
+        pipeline = pipelines.load(MODELS["sd_base"], folder, bench.device, settings)
+        runner = pipelines.Runner(pipeline, adapters.for_model(folder.parent.parent, settings, pipeline))
+
+        def activate(lora) -> float:
+            bench.sync()
+            start = time.perf_counter()
+            runner.adapters.activate(lora)
+            bench.sync()
+            return time.perf_counter() - start
+
+        alone = bench.measure("model alone", runner, [base_job], steps)
+        load = activate((("ink", 1.0),))  # from the local store onto the device, and fused
+        ink = replace(base_job, args={**base_job.args, "lora": (("ink", 1.0),)})
+        fused = bench.measure("adapter, fused (as served)", runner, [ink], steps)
+        activate((("sun", 1.0),))
+        switches = [activate(((name, 1.0),)) for _ in range(3) for name in ("ink", "sun")]
+        activate(None)
+        pipeline.load_lora_weights(str(store / "loras" / "ink" / "lora.safetensors"), adapter_name="peft")
+        unfused = bench.measure(
+            "the LoRA as PEFT layers, unfused", pipelines.Runner(pipeline), [base_job], steps
+        )
+        pipeline.unload_lora_weights()
+    rows = [result.row() for result in (alone, fused, unfused)]
+    return rows + [
+        "",
+        f"Per step against the model alone: fused {100 * (fused.seconds / alone.seconds - 1):+.1f}%, "
+        f"unfused {100 * (unfused.seconds / alone.seconds - 1):+.1f}%. Loading an adapter "
+        f"({info['layers']['unet']} layers, rank {rank}) onto the device and fusing it: {load:.3f}s; "
+        f"a switch between two loaded adapters: {statistics.median(switches):.3f}s (median of "
+        f"{len(switches)}).",
+    ]
 
 
 def environment(device: torch.device) -> str:

@@ -146,7 +146,7 @@ def test_the_device_venv_sees_the_carried_wheels_the_lock_and_nothing_else(tmp_p
     probe = (  # numpy is a stub with a version: find the others, don't import them
         "import importlib.util as u, numpy\n"
         "print(numpy.__version__, u.find_spec('torch').origin, u.find_spec('diffusers').origin)\n"
-        "print([m for m in ('pytest', 'boto3', 'moto', 'ruff') if u.find_spec(m)])"
+        "print([m for m in ('pytest', 'hypothesis', 'moto', 'ruff') if u.find_spec(m)])"
     )
     seen = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout
     seen = seen.splitlines()

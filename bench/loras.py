@@ -1,0 +1,35 @@
+"""Random LoRAs of a model's attention projections, as a trainer writes them, for the benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdmme.adapters import files
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # what diffusers' LoRA trainers adapt
+
+
+def write_lora(weights_folder: Path, dest: Path, rank: int, seed: int) -> Path:
+    """A random LoRA of the UNet's attention projections in diffusers' format, as its trainers write it
+    (built on the model's empty architecture: no weights are read)."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = files.architecture_of(weights_folder)["unet"]
+    torch.manual_seed(seed)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian")
+    )
+    layers = diffusers.utils.convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    for key, tensor in layers.items():  # trained LoRAs have non-zero up weights; gaussian init leaves them 0
+        if ".up." in key or "lora_B" in key:
+            tensor.copy_(torch.randn(tensor.shape) * 0.01)
+    dest.mkdir(parents=True, exist_ok=True)
+    layers = {k: v.to(torch.float16) for k, v in layers.items()}
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        dest, unet_lora_layers=layers, weight_name="lora.safetensors"
+    )
+    return dest / "lora.safetensors"
