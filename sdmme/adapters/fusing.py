@@ -1,8 +1,8 @@
 """Adapters applied to the resident model by fusing them into its weights, and undone exactly.
 
-Fused, an adapter costs nothing per denoising step (unfused, PEFT's extra matmuls and kernel launches
-cost every step of every image; measured in docs/benchmarks.md), and a compiled UNet stays valid:
-weights change in place, never their shapes or the modules around them, so nothing recompiles.
+Fused, an adapter adds no kernel to a denoising step (unfused, PEFT adds four per adapted layer, on a
+GPU path that is launch-bound; docs/benchmarks.md), and a compiled UNet stays valid: weights change in
+place, never their shapes or the modules around them, so nothing recompiles.
 Undone exactly: the weights of every layer an adapter touched are kept as loaded and copied back, never
 computed back (subtracting a fused delta in fp16 drifts with every switch), so a request without
 adapters gets the bytes the model gives alone.
