@@ -18,6 +18,7 @@ def local_s3(bucket: str) -> Iterator[Tuple[str, object, object]]:
     from boto3.s3.transfer import TransferConfig
     from moto.server import ThreadedMotoServer
 
+    saved = dict(os.environ)
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
         os.environ[key] = value
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -31,3 +32,5 @@ def local_s3(bucket: str) -> Iterator[Tuple[str, object, object]]:
         yield url, s3, TransferConfig(multipart_threshold=1 << 40, use_threads=False)
     finally:
         moto.stop()
+        os.environ.clear()
+        os.environ.update(saved)  # the caller's settings again (a test process goes on)

@@ -33,3 +33,23 @@ def write_lora(weights_folder: Path, dest: Path, rank: int, seed: int) -> Path:
         dest, unet_lora_layers=layers, weight_name="lora.safetensors"
     )
     return dest / "lora.safetensors"
+
+
+def write_adapter(weights_folder: Path, dest: Path, rank: int, seed: int) -> dict:
+    """The same kind of LoRA written straight in the stored form (`make adapter`'s output) with its
+    record, without PEFT or diffusers' readers: what a lent GPU measures with only the serving stack."""
+    unet = files.architecture_of(weights_folder)["unet"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(tuple(TARGETS)):
+            key = f"unet.{name}"
+            a = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            tensors[f"{key}.lora_A.weight"] = a.to(torch.float16)
+            tensors[f"{key}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.01
+            ).to(torch.float16)
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    layers = len(tensors) // 3
+    info = {"format": "random", "rank": rank, "layers": {"unet": layers, "text_encoder": 0}}
+    return files.write(tensors, dest, {"name": dest.stem, **info})

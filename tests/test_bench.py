@@ -80,11 +80,12 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
 def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
     """bench/device.sh serve: one tritonserver with the four models, each called as the AWS sample calls."""
     args = (
-        f"--tiny --side 64 --steps 2 --repeats 1 --repository {tmp_path / 'repository'} --set fuse_qkv=true"
+        f"--tiny --side 64 --steps 2 --repeats 1 --repository {tmp_path / 'repository'} "
+        "--set fuse_qkv=true adapters=none"  # fused projections would bypass adapters: none with it
     )
     result = device_script("serve", tmp_path, args)
     report = (tmp_path / "served.md").read_text()
-    assert "settings: fuse_qkv=true;" in report
+    assert "settings: fuse_qkv=true, adapters=none;" in report
     assert "Serving overhead, sd_base 64x64, 2 steps, median of 1:" in report and "  overhead: " in report
     log = (tmp_path / "tritonserver.log").read_text()
     for model in ("sd_base", "sd_depth", "sd_inpaint", "sd_upscale"):  # --set reached every model's load
