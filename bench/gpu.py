@@ -270,8 +270,8 @@ def run(
 
     if "adapters" not in skip:
         lines += [
-            f"Adapters with {best_label}: a rank-64 LoRA of the attention projections (random), "
-            f"{steps} steps:",
+            f"Adapters with {best_label} (fused QKV off: adapters cannot go with it): a rank-64 LoRA of the "
+            f"attention projections (random), {steps} steps:",
             "",
             HEADER,
         ]
@@ -338,7 +338,7 @@ def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.
             write_adapter(folder, store / f"{name}.safetensors", rank, seed)
             for name, seed in (("ink", 1), ("sun", 2))
         ]
-        settings = replace(settings, adapters=str(store))
+        settings = replace(settings, adapters=str(store), fuse_qkv=False)  # they cannot go together
         pipeline = pipelines.load(MODELS["sd_base"], folder, bench.device, settings)
         runner = pipelines.Runner(pipeline, adapters.for_model(folder.parent.parent, settings, pipeline))
 

@@ -426,3 +426,11 @@ def test_a_store_that_does_not_answer_fails_its_requests_retryably(tmp_path):
     store = S3Store("s3://b/adapters/m/", tmp_path, 10**6, client=closed)
     with pytest.raises(StoreError, match="the adapter store s3://b/adapters/m/ did not answer for ink.json"):
         store.record("ink")
+
+
+def test_adapters_refuse_fused_qkv_however_the_settings_were_made(served):
+    from sdmme import adapters, pipelines
+
+    with pytest.raises(ValueError, match="fuse_qkv bypasses the to_q, to_k, to_v"):
+        adapters.for_model(served.repository / "base", pipelines.Settings(fuse_qkv=True), pipeline=None)
+    assert adapters.for_model(served.repository / "base", pipelines.Settings(adapters="none"), None) is None

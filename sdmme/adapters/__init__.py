@@ -140,6 +140,8 @@ def for_model(folder: Path, settings, pipeline) -> Optional[Adapters]:
     location = store_location(settings.adapters, label, folder)
     if location is None:
         return None
+    if settings.fuse_qkv:  # from_parameters refuses it too; this guards settings made in code
+        raise ValueError(f"{label}: fuse_qkv bypasses the to_q, to_k, to_v that adapters fuse into")
     digest = sha256(location.encode()).hexdigest()[:16]
     cache = Path(os.environ.get(ADAPTER_CACHE_ENV) or Path(tempfile.gettempdir()) / "sdmme-adapters") / digest
     store = open_store(location, cache, int(settings.adapter_cache_mb * 1e6))
