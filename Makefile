@@ -45,7 +45,7 @@ model: venv
 	  $(if $(LORA),--lora "$(LORA)" --lora-scale $(LORA_SCALE)) $(if $(CONFIG),--config "$(CONFIG)") $(if $(FORCE),--force)
 
 # An adapter (a LoRA) of a model, served per request on the warm model (README: Adapters).
-adapter: venv
+adapter: weights
 	@test -n "$(NAME)" -a -n "$(MODEL)" -a -n "$(FILE)" || (echo "usage: make adapter NAME=ink MODEL=sd_base FILE=lora.safetensors|hub-id [FORCE=1]"; exit 2)
 	$(PY) -m sdmme.adapters "$(NAME)" --model "$(MODEL)" --file "$(FILE)" --repository "$(REPOSITORY)" $(if $(FORCE),--force)
 

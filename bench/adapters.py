@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -30,6 +28,7 @@ import torch
 
 from bench.local_s3 import local_s3
 from bench.loras import write_lora
+from bench.report import cpu_machine, publish
 from client import base
 from deploy import package, upload
 from deploy.mme.service import LocalEndpoint
@@ -256,14 +255,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     results = measure(args.weights, args.rank, args.env, args.repeats, args.rounds, args.side)
     say(json.dumps(results))
-    machine = (
-        f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
-    )
-    text = report(results, machine, args.side)
-    print(text)
-    if not args.no_docs:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
+    publish(report(results, cpu_machine(), args.side), docs=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench.local_s3 import local_s3
+from bench.report import cpu_machine, publish
 from client import base
 from deploy import package, tarball, upload
 from deploy.mme.service import LocalEndpoint
@@ -217,9 +216,7 @@ def main() -> None:
     manifest = build.verified_manifest(env_dir)
     env_mb = tarball.tree_size([env_dir]) / 1e6
     rows = measure(args.models, env_dir, manifest["python"])
-    machine = (
-        f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
-    )
+    machine = cpu_machine()
     text = (
         f"\n## make bench-coldstart: cold start at real size ({time.strftime('%Y-%m-%d')}; {machine})\n\n"
         f"GPU environment: Python {manifest['python']}, {env_mb:,.0f} MB as a directory (env/serving.txt, "
@@ -231,10 +228,7 @@ def main() -> None:
         + speedups(rows)
         + "\n"
     )
-    print(text)
-    if not args.no_docs:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
+    publish(text, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

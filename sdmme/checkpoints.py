@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from sdmme import weights
+from sdmme.adapters.files import PICKLED
 from sdmme.full import CONFIGS
 from sdmme.spec import MODELS
 
@@ -30,7 +31,6 @@ SD1_SOURCES: Dict[str, Tuple[str, ...]] = {
     "sd_inpaint": ("stable-diffusion-v1-5/stable-diffusion-inpainting",),
 }
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-PICKLED = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 

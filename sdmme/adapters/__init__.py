@@ -64,7 +64,6 @@ class Resident:
 
     key: str  # name and sha256: what is fused is told apart by content, not name alone
     layers: Layers
-    bytes: int
 
 
 class Adapters:
@@ -108,7 +107,7 @@ class Adapters:
             raise
         layers = {key: (a.to(self.device), b.to(self.device), s) for key, (a, b, s) in layers.items()}
         size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in layers.values())
-        adapter = Resident(f"{name}:{record['sha256']}", layers, size)
+        adapter = Resident(f"{name}:{record['sha256']}", layers)
         self.resident[name] = adapter
         while len(self.resident) > self.max_resident:
             evicted, _ = self.resident.popitem(last=False)

@@ -22,12 +22,10 @@ log = logging.getLogger("sdmme.weights")
 
 
 def add(model_repository: Path, model: str, name: str, source: str, force: bool = False) -> dict:
-    """Check `source` against `model` and write it as the model's adapter `name`; returns its record."""
+    """Check `source` against `model` and write it as the model's adapter `name`; returns its record.
+    Raises InvalidInput (a bad name) or AdapterError, having written nothing."""
     start = time.monotonic()
-    try:
-        check_adapter_name(name, "adapter name")
-    except InvalidInput as e:
-        raise files.AdapterError(str(e)) from None
+    check_adapter_name(name, "adapter name")
     folder = model_repository / model
     kinds = repository.models(model_repository)
     if model not in kinds:
@@ -69,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         add(args.repository, args.model, args.name, args.file, args.force)
-    except files.AdapterError as e:
+    except InvalidInput as e:  # AdapterError among them
         raise SystemExit(f"make adapter: {e}") from None
 
 

@@ -191,9 +191,9 @@ def write(tensors: Dict[str, torch.Tensor], dest: Path, record: dict) -> dict:
     save_file(tensors, str(partial))
     record = {**record, "bytes": partial.stat().st_size, "sha256": sha256(partial)}
     partial.rename(dest)
-    record_path = dest.with_suffix(RECORD)
-    record_path.with_name(record_path.name + ".partial").write_text(json.dumps(record, indent=2) + "\n")
-    record_path.with_name(record_path.name + ".partial").rename(record_path)
+    partial = dest.with_name(dest.stem + RECORD + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.rename(dest.with_suffix(RECORD))
     return record
 
 

@@ -33,9 +33,6 @@ class Fuser:
         self.fused: tuple = ()  # what the weights hold now: ((adapter id, scale), ...)
         self.modified: set = set()  # the layers whose weights are not the model's own now
 
-    def original_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.originals.values())
-
     @torch.no_grad()
     def apply(self, adapters: Sequence[Tuple[str, Layers, float]]) -> float:
         """Make the weights the model's own plus these (id, layers, scale) adapters, layer by layer (one

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 from urllib.parse import urlparse
 
 from sdmme.adapters.files import RECORD, AdapterError, sha256
@@ -58,9 +58,6 @@ class LocalStore:
 
     def discard(self, name: str, record: dict) -> None:
         """A bad file stays where its owner put it; nothing of it was kept."""
-
-    def names(self) -> List[str]:
-        return sorted(p.name[: -len(RECORD)] for p in self.folder.glob(f"*{RECORD}"))
 
 
 class S3Store:
@@ -167,11 +164,6 @@ class S3Store:
                     path.name,
                     self.cache_bytes / 1e6,
                 )
-
-    def names(self) -> List[str]:
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(""))
-        keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
-        return sorted(k.rsplit("/", 1)[-1][: -len(RECORD)] for k in keys if k.endswith(RECORD))
 
 
 def open_store(location: str, cache: Path, cache_bytes: int):
