@@ -24,12 +24,12 @@ def _option(param: Param) -> str:
     return "--" + param.name.replace("_", "-")
 
 
-def _adapter(text: str) -> dict:
+def _adapter(param: AdapterParam, text: str) -> dict:
     """NAME or NAME:SCALE, checked as the server will."""
     name, _, scale = text.partition(":")
     item = {"name": name} if not scale else {"name": name, "scale": _number(scale)}
     try:
-        AdapterParam("lora", object, None, "").validate([item])
+        param.validate([item])
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return item
@@ -53,7 +53,7 @@ def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
             "--lora",
             dest=param.name,
             action="append",
-            type=_adapter,
+            type=lambda text: _adapter(param, text),
             default=argparse.SUPPRESS,
             metavar="NAME[:SCALE]",
             help=f"{param.help} Repeat to stack (at most {MAX_STACKED_ADAPTERS}); SCALE in [0, 2], "

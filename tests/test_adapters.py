@@ -443,3 +443,14 @@ def test_adapters_refuse_fused_qkv_however_the_settings_were_made(served):
     with pytest.raises(ValueError, match="fuse_qkv bypasses the to_q, to_k, to_v"):
         adapters.for_model(served.repository / "base", pipelines.Settings(fuse_qkv=True), pipeline=None)
     assert adapters.for_model(served.repository / "base", pipelines.Settings(adapters="none"), None) is None
+
+
+def test_an_adapter_store_is_a_folder_or_s3_nothing_else(tmp_path):
+    from sdmme.adapters.store import LocalStore, S3Store, open_store
+
+    assert isinstance(open_store(str(tmp_path), tmp_path, 1), LocalStore)
+    assert open_store("s3://b/p/q/", tmp_path, 1).location == "s3://b/p/q/"
+    assert isinstance(open_store("s3://b", tmp_path, 1), S3Store)
+    for bad, message in (("s3:///p/", "an S3 store is s3://bucket/prefix/"), ("https://x/y", "nothing else")):
+        with pytest.raises(ValueError, match=message):
+            open_store(bad, tmp_path, 1)
