@@ -19,6 +19,7 @@ import diffusers
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from sdmme import cuda_graphs, sync_free
 from sdmme.batching import Interrupted
 from sdmme.spec import KIND_PARAMETER, InvalidInput, ModelSpec
 
@@ -70,6 +71,19 @@ class Settings:
     channels_last: bool = _setting(False, "NHWC memory layout for the UNet and the VAE.")
     fuse_qkv: bool = _setting(
         False, "One projection matmul for q, k, v (k, v in cross-attention); SDPA only."
+    )
+    sync_free: bool = _setting(
+        False,
+        "Scheduler bookkeeping on the host, so the denoising loop never waits for the GPU; same images. "
+        "Off on GPU until make bench-gpu has measured it.",
+    )
+    cuda_graphs: bool = _setting(
+        False,
+        "Replay the UNet from CUDA graphs, captured per batch and size on their second call (eager until "
+        "then); no compile. Off on GPU until make bench-gpu has measured it; on CPU plain calls stand in.",
+    )
+    max_cuda_graphs: int = _setting(
+        8, "CUDA graphs kept per model; the least recently used goes.", "a count, 1 or more"
     )
     compile: str = _setting(
         "none",
@@ -143,6 +157,11 @@ class Settings:
             raise ValueError(
                 "config.pbtxt: fuse_qkv runs on PyTorch SDPA; it cannot go with attention=xformers"
             )
+        if settings.cuda_graphs and settings.compile != "none":
+            raise ValueError(
+                "config.pbtxt: cuda_graphs captures the eager UNet; compile makes its own graphs "
+                "(reduce-overhead): set one of them"
+            )
         if settings.fuse_qkv and settings.adapters != "none":
             raise ValueError(
                 "config.pbtxt: fuse_qkv computes q, k and v with one new projection, so adapters fused into "
@@ -159,7 +178,8 @@ class Settings:
 GPU_DEFAULTS = Settings()
 # On CPU: full precision, none of the layout tricks (tuned for GPU kernels), and no time budget (a CPU
 # serves tests and development, not SageMaker's 60 s; a model's config.pbtxt can set one).
-CPU_DEFAULTS = Settings(vae_slicing=False, time_budget_s=0.0)
+# The sync-free loop is on: the same images, and every CPU test runs through it.
+CPU_DEFAULTS = Settings(vae_slicing=False, time_budget_s=0.0, sync_free=True)
 
 
 def device_for(instance_kind: str, device_id: str) -> Tuple[torch.device, Settings]:
@@ -200,6 +220,12 @@ def apply(pipeline, settings: Settings, device: torch.device) -> Dict[str, Any]:
     applied["vae"] = "slicing" if settings.vae_slicing else "whole batch"
     if settings.vae_tiling:
         applied["vae"] += ", tiling"
+    applied["sync_free"] = settings.sync_free  # Runner wraps the schedulers
+    if settings.cuda_graphs:
+        cuda_graphs.GraphedUNet(pipeline.unet, settings.max_cuda_graphs).install()
+        applied["cuda_graphs"] = f"up to {settings.max_cuda_graphs}" + (
+            "" if device.type == "cuda" else " (no CUDA here: plain calls stand in for graphs)"
+        )
     if settings.compile != "none":
         # In place: pipeline.unet stays a UNet2DConditionModel (its config is still read by the pipeline).
         pipeline.unet.compile(mode=None if settings.compile == "default" else settings.compile)
@@ -259,14 +285,16 @@ def free_memory(device: torch.device) -> None:
 
 class Runner:
     """Owns one pipeline; runs one batch of prompts with one generator per image, with the adapters
-    (sdmme.adapters.Adapters, or None when the model serves none) the batch's gen_args.lora names."""
+    (sdmme.adapters.Adapters, or None when the model serves none) the batch's gen_args.lora names, and
+    with schedulers that keep their bookkeeping on the host when `sync_free` (Settings.sync_free)."""
 
-    def __init__(self, pipeline, adapters=None):
+    def __init__(self, pipeline, adapters=None, sync_free: bool = False):
         self.pipeline = pipeline
         self.adapters = adapters
         self.device = pipeline.device
+        self.sync_free = sync_free
         self.default_scheduler = pipeline.scheduler
-        self._schedulers: Dict[str, Any] = {"default": pipeline.scheduler}
+        self._schedulers: Dict[str, Any] = {"default": self._wrapped(pipeline.scheduler)}
         self.min_image_side = min_image_side(pipeline)
         self.prompt_window = pipeline.tokenizer.model_max_length  # tokens the text encoder reads
 
@@ -277,10 +305,13 @@ class Runner:
     def scheduler(self, name: str):
         if name not in self._schedulers:
             cls, settings = SCHEDULER_CLASSES[name]
-            self._schedulers[name] = getattr(diffusers, cls).from_config(
-                self.default_scheduler.config, **settings
+            self._schedulers[name] = self._wrapped(
+                getattr(diffusers, cls).from_config(self.default_scheduler.config, **settings)
             )
         return self._schedulers[name]
+
+    def _wrapped(self, scheduler):
+        return sync_free.host_bookkeeping(scheduler) if self.sync_free else scheduler
 
     def free_memory(self) -> None:
         free_memory(self.device)

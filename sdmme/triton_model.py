@@ -105,7 +105,9 @@ class DiffusionModel:
         self.budget = settings.time_budget_s
         try:
             pipeline = pipelines.load(self.spec, weights, device, settings)
-            self.runner = pipelines.Runner(pipeline, adapters.for_model(folder, settings, pipeline))
+            self.runner = pipelines.Runner(
+                pipeline, adapters.for_model(folder, settings, pipeline), sync_free=settings.sync_free
+            )
             if settings.compile != "none":
                 warm = time.monotonic()
                 batching.run(self.runner, [batching.warmup_job(self.spec)])
