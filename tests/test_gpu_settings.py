@@ -39,8 +39,10 @@ def test_device_defaults():
     device, settings = pipelines.device_for("GPU", "1")
     assert device == torch.device("cuda:1") and settings.torch_dtype(device) == torch.float16
     assert settings.attention == "sdpa" and settings.vae_slicing and settings.compile == "none"
+    assert not settings.sync_free and not settings.cuda_graphs  # until a GPU has measured them
     device, settings = pipelines.device_for("CPU", "0")
     assert device == CPU and settings.torch_dtype(device) == torch.float32
+    assert settings.sync_free and not settings.cuda_graphs
 
 
 def test_settings_from_config_parameters():
@@ -167,7 +169,13 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
     shutil.copytree(tiny_repository / "sd_depth", repository / "sd_depth")
     with_parameters(
         repository / "sd_depth",
-        {"dtype": "float16", "channels_last": "true", "fuse_qkv": "true", "adapters": "none"},
+        {
+            "dtype": "float16",
+            "channels_last": "true",
+            "fuse_qkv": "true",
+            "adapters": "none",
+            "cuda_graphs": "true",
+        },
     )
     shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")
     with_parameters(repository / "sd_base", {"attention": "flash"})
@@ -198,3 +206,4 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
         "sd_depth: loaded StableDiffusionDepth2ImgPipeline on cpu (float16, attention: sdpa, fused qkv" in log
     )
     assert "channels_last: True" in log
+    assert "sync_free: True, cuda_graphs: up to 8 (no CUDA here: plain calls stand in for graphs)" in log
