@@ -1,10 +1,13 @@
 """`make bench-gpu`: the full-size pipelines on a GPU, through the runtime the Triton models use.
 
 Measures, in one run, and appends to docs/benchmarks.md with the GPU, versions and date:
-- SD 2.1-base, 512x512, 50 steps, batch 1: latency, it/s and achieved TFLOP/s for each eager setting
-  (SDPA, xformers when installed, + channels_last, + fused QKV), in interleaved rounds;
+- SD 2.1-base, 512x512, 50 steps, batch 1: latency, it/s, achieved TFLOP/s and the host syncs inside
+  the denoising loop (torch.cuda.set_sync_debug_mode) for each setting without compile: today's
+  default (SDPA), xformers when installed, the sync-free loop, + CUDA graphs, + channels_last and/or
+  fused QKV on top, in interleaved rounds; the first call's extra time (the graphs' capture); each
+  setting's image against today's default, same seed;
 - images/s at batch 1, 4 and 8 with the fastest of them, and peak GPU memory;
-- each scheduler (gen_args.scheduler) with it: the default, PNDM, syncs with the GPU at every step;
+- each scheduler (gen_args.scheduler) with today's default and with the fastest;
 - adapters with it: a rank-64 LoRA of the attention projections fused (as served) and as PEFT's unfused
   layers, the time to load one onto the GPU and fuse it, and a switch between two loaded ones;
 - depth and inpaint at 512x512; the upscaler at 128->512 and 256->1024 with and without VAE tiling;
@@ -28,13 +31,15 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
-from sdmme import batching, pipelines, weights
+from sdmme import batching, pipelines, sync_free, weights
 from sdmme.spec import MODELS, SCHEDULERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +55,9 @@ class Result:
     peak_gb: Optional[float] = None
     tflops: Optional[float] = None
     compile_s: Optional[float] = None
+    syncs: Optional[int] = None  # host syncs inside the denoising loop of one call (GPU only)
     times: List[float] = field(default_factory=list)  # every timed call
+    image: object = None  # the first image of the sync-counting call, to compare settings
 
     def row(self) -> str:
         cells = [
@@ -60,15 +67,18 @@ class Result:
             f"{self.images / self.seconds:.2f}",
             "" if self.tflops is None else f"{self.tflops:.3g}",
             "" if self.peak_gb is None else f"{self.peak_gb:.1f}",
-            "" if self.compile_s is None else f"{self.compile_s:.0f}",
+            "" if self.compile_s is None else f"{self.compile_s:.1f}",
+            "" if self.syncs is None else str(self.syncs),
         ]
         return "| " + " | ".join(cells) + " |"
 
 
 HEADER = (
-    "| setting / case | latency (s) | it/s | images/s | TFLOP/s | peak GPU memory (GB) | compile (s) |\n"
-    "|---|---|---|---|---|---|---|"
+    "| setting / case | latency (s) | it/s | images/s | TFLOP/s | peak GPU memory (GB) "
+    "| first call's extra: compile or capture (s) | host syncs in the loop |\n"
+    "|---|---|---|---|---|---|---|---|"
 )
+FAILED_CELLS = " | | | | | | |"  # after a failed row's reason
 
 
 class Bench:
@@ -84,7 +94,8 @@ class Bench:
     def load(self, model: str, settings: pipelines.Settings) -> pipelines.Runner:
         pipelines.free_memory(self.device)
         folder = self.weight_folder(model)
-        return pipelines.Runner(pipelines.load(MODELS[model], folder, self.device, settings))
+        pipeline = pipelines.load(MODELS[model], folder, self.device, settings)
+        return pipelines.Runner(pipeline, sync_free=settings.sync_free)
 
     def timed(self, runner, jobs) -> float:
         self.sync()
@@ -104,8 +115,24 @@ class Bench:
         if self.device.type == "cuda":
             result.peak_gb = torch.cuda.max_memory_allocated(self.device) / 1e9
         if first_call:
-            result.compile_s = warm - median
+            result.compile_s = max(0.0, warm - median)  # noise can make it negative when nothing is prepared
         return result
+
+    def host_syncs(self, runner, jobs, result: Result) -> None:
+        """One more call, counting the host syncs inside its denoising loop (CUDA's sync debug mode);
+        keeps its first image."""
+        scheduler = runner.scheduler(jobs[0].args["scheduler"])
+        cuda = self.device.type == "cuda"
+
+        def mode(value):
+            return (lambda: torch.cuda.set_sync_debug_mode(value)) if cuda else (lambda: None)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with sync_free.during_loop(runner.pipeline, scheduler, mode("warn"), mode(0)):
+                [[result.image, *_], *_] = batching.run(runner, jobs)
+        if cuda:
+            result.syncs = sum("synchroniz" in str(w.message) for w in caught)
 
     def unet_flops(self, runner, job: batching.Job) -> float:
         """FLOPs of one image's denoising loop: one guided UNet call (batch 2) counted, times the steps."""
@@ -126,19 +153,41 @@ def job(model: str, steps: int, side: int, seed: int = 0) -> batching.Job:
     return request
 
 
-def settings_to_compare() -> Dict[str, pipelines.Settings]:
-    """The eager settings, each adding one option; compile is measured last, on the fastest of them."""
-    base = pipelines.Settings(dtype="float16")
-    variants = {"SDPA": base}
+TODAY = "SDPA (today's default)"
+
+
+def settings_to_compare(dtype: str = "float16") -> Dict[str, pipelines.Settings]:
+    """The settings without compile, each adding one option; compile is measured last, on the fastest."""
+    base = pipelines.Settings(dtype=dtype)  # the GPU defaults (float16)
+    variants = {TODAY: base}
     try:
         import xformers  # noqa: F401
 
         variants["xformers"] = replace(base, attention="xformers")
     except ImportError:
         print("xformers is not installed: its row is skipped", flush=True)
-    variants["SDPA + channels_last"] = replace(base, channels_last=True)
-    variants["SDPA + channels_last + fused QKV"] = replace(base, channels_last=True, fuse_qkv=True)
+    variants["sync-free loop"] = replace(base, sync_free=True)
+    graphs = replace(base, sync_free=True, cuda_graphs=True)
+    variants["sync-free + CUDA graphs"] = graphs
+    variants["sync-free + CUDA graphs + channels_last"] = replace(graphs, channels_last=True)
+    variants["sync-free + CUDA graphs + fused QKV"] = replace(graphs, fuse_qkv=True)
+    variants["sync-free + CUDA graphs + channels_last + fused QKV"] = replace(
+        graphs, channels_last=True, fuse_qkv=True
+    )
     return variants
+
+
+def against(images: Dict[str, object], reference: str) -> str:
+    """Each setting's image against the reference's (same seed): identical, or the largest difference."""
+    base = np.asarray(images[reference], dtype=np.int16)
+    said = []
+    for label, image in images.items():
+        if label != reference:
+            difference = int(np.abs(np.asarray(image, dtype=np.int16) - base).max())
+            said.append(
+                f"{label}: " + ("identical" if difference == 0 else f"at most {difference}/255 apart")
+            )
+    return "; ".join(said)
 
 
 def largest_upscale_input(bench: Bench, settings: pipelines.Settings, sides: List[int]) -> Optional[int]:
@@ -198,7 +247,13 @@ def merged(results: List[Result]) -> Result:
 
 
 def run(
-    bench: Bench, steps: int, compile_mode: str, upscale_sides: List[int], rounds: int = 2, skip=()
+    bench: Bench,
+    steps: int,
+    compile_mode: str,
+    upscale_sides: List[int],
+    rounds: int = 2,
+    skip=(),
+    dtype: str = "float16",
 ) -> List[str]:
     """Every measurement, the slowest to prepare (compile) last: a run cut short by a lent GPU's time
     limit keeps the rest. A case that fails is a row saying why, and the run goes on. The eager settings
@@ -219,7 +274,9 @@ def run(
                 loaded[model, settings] = bench.load(model, settings)
                 print(f"  ({model}: loaded in {time.perf_counter() - start:.1f}s)", flush=True)
             runner = loaded[model, settings]
+            first_call = first_call or settings.cuda_graphs  # the graphs are captured in the first call
             result = bench.measure(label, runner, jobs, steps, first_call=first_call)
+            bench.host_syncs(runner, jobs, result)
             if model == "sd_base":
                 flops = bench.unet_flops(runner, jobs[0]) * result.images  # the jobs are all alike
                 result.tflops = flops / result.seconds / 1e12
@@ -228,12 +285,12 @@ def run(
         except Exception as e:
             unload()
             what = "out of memory" if pipelines.is_out_of_memory(e) else f"failed: {type(e).__name__}: {e}"
-            lines.append(f"| {label} | {what[:200].replace('|', '/')} | | | | | |")
+            lines.append(f"| {label} | {what[:200].replace('|', '/')}{FAILED_CELLS}")
             return None
 
-    lines += [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, fp16:", "", HEADER]
+    lines += [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, {dtype}:", "", HEADER]
     base_job = job("sd_base", steps, 512)
-    variants = settings_to_compare()
+    variants = settings_to_compare(dtype)
     measured: Dict[str, List[Result]] = {label: [] for label in variants}
     for round_ in range(1, rounds + 1):
         print(f"  (round {round_} of {rounds})", flush=True)
@@ -250,7 +307,11 @@ def run(
     if not results:
         return lines
     best_label, (best, best_settings) = min(results.items(), key=lambda item: item[1][0].seconds)
-    lines += ["", f"Fastest without compile: {best_label} ({best.seconds:.3f} s); rounds: {rounds}.", ""]
+    lines += ["", f"Fastest without compile: {best_label} ({best.seconds:.3f} s); rounds: {rounds}."]
+    images = {label: measured[label][0].image for label in results}
+    if TODAY in images and len(images) > 1:
+        lines.append(f"Images against {TODAY}, same seed: {against(images, TODAY)}.")
+    lines.append("")
 
     if "batching" not in skip:
         lines += [f"Batching with {best_label}: one call of n requests, 512x512, {steps} steps:", "", HEADER]
@@ -262,10 +323,12 @@ def run(
     if "schedulers" not in skip:
         # PNDM, the SD 2 default, reads a GPU tensor on the host at every step (`prev_timestep >= 0`),
         # so the CPU waits for each UNet call before it queues the next; Euler keeps its sigmas on the CPU.
-        lines += [f"Schedulers (gen_args.scheduler) with {best_label}, {steps} steps:", "", HEADER]
-        for name in (n for n in SCHEDULERS if n != "default"):  # the model's own is one of these
-            scheduled = replace(base_job, args={**base_job.args, "scheduler": name})
-            attempt(f"scheduler {name}", "sd_base", best_settings, [scheduled])
+        lines += [f"Schedulers (gen_args.scheduler), {steps} steps:", "", HEADER]
+        compared = {TODAY: variants[TODAY], best_label: best_settings}
+        for label, settings in compared.items():  # one load each
+            for name in (n for n in SCHEDULERS if n != "default"):  # the model's own is one of these
+                scheduled = replace(base_job, args={**base_job.args, "scheduler": name})
+                attempt(f"scheduler {name}, {label}", "sd_base", settings, [scheduled])
         lines.append("")
 
     if "adapters" not in skip:
@@ -280,7 +343,7 @@ def run(
             lines += adapter_rows(bench, best_settings, base_job, steps)
         except Exception as e:
             lines.append(
-                f"| adapters | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')} | | | | | |"
+                f"| adapters | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')}{FAILED_CELLS}"
             )
         pipelines.free_memory(bench.device)
         lines.append("")
@@ -313,10 +376,16 @@ def run(
 
     if compile_mode != "none":
         label = f"{best_label} + compile ({compile_mode})"
+        if best_settings.cuda_graphs:  # compile makes its own graphs
+            label = f"{best_label}, its CUDA graphs off, + compile ({compile_mode})"
         lines += [f"The compile option (a config.pbtxt parameter, off by default), {steps} steps:", ""]
         lines.append(HEADER)
         compiled = attempt(
-            label, "sd_base", replace(best_settings, compile=compile_mode), [base_job], first_call=True
+            label,
+            "sd_base",
+            replace(best_settings, cuda_graphs=False, compile=compile_mode),
+            [base_job],
+            first_call=True,
         )
         if compiled is not None:
             ratio = compiled.seconds / best.seconds
@@ -340,7 +409,9 @@ def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.
         ]
         settings = replace(settings, adapters=str(store), fuse_qkv=False)  # they cannot go together
         pipeline = pipelines.load(MODELS["sd_base"], folder, bench.device, settings)
-        runner = pipelines.Runner(pipeline, adapters.for_model(folder.parent.parent, settings, pipeline))
+        runner = pipelines.Runner(
+            pipeline, adapters.for_model(folder.parent.parent, settings, pipeline), settings.sync_free
+        )
 
         def activate(lora) -> float:
             bench.sync()
@@ -364,12 +435,15 @@ def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.
         else:
             pipeline.load_lora_weights(str(lora), adapter_name="peft")
             unfused = bench.measure(
-                "the LoRA as PEFT layers, unfused", pipelines.Runner(pipeline), [base_job], steps
+                "the LoRA as PEFT layers, unfused",
+                pipelines.Runner(pipeline, sync_free=settings.sync_free),
+                [base_job],
+                steps,
             )
             pipeline.unload_lora_weights()
     rows = [result.row() for result in (alone, fused, unfused) if result is not None]
     if unfused is None:
-        rows.append(f"| the LoRA as PEFT layers, unfused | not measured: {why} | | | | | |")
+        rows.append(f"| the LoRA as PEFT layers, unfused | not measured: {why}{FAILED_CELLS}")
     against = f"fused {100 * (fused.seconds / alone.seconds - 1):+.1f}%"
     if unfused is not None:
         against += f", unfused {100 * (unfused.seconds / alone.seconds - 1):+.1f}%"
@@ -418,6 +492,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--tiny", action="store_true", help="tiny weights instead of full size")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=pipelines.DTYPES,
+        help="float32: tests on CPU (fp16 is slow there)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the eager settings")
     parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections to leave out")
@@ -440,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sources: Dict[str, str] = {}
     bench = Bench(device, weight_folder(args.model_repository, args.tiny, cache, sources), args.repeats)
     started = time.monotonic()
-    lines = run(bench, args.steps, args.compile, args.upscale_sides, args.rounds, args.skip)
+    lines = run(bench, args.steps, args.compile, args.upscale_sides, args.rounds, args.skip, args.dtype)
     title = f"## make bench-gpu: {environment(device)}"
     report = [
         title,

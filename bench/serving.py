@@ -80,7 +80,8 @@ def in_process(
     device, defaults = pipelines.device_for(kind, "0")
     settings = pipelines.Settings.from_parameters(parameters or {}, defaults)
     runner = pipelines.Runner(
-        pipelines.load(spec, weights.weights_dir(repository, "sd_base"), device, settings)
+        pipelines.load(spec, weights.weights_dir(repository, "sd_base"), device, settings),
+        sync_free=settings.sync_free,
     )
     inputs = {
         item["name"]: np.array([[item["data"][0].encode()]], dtype=np.object_) for item in request["inputs"]

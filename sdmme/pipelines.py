@@ -114,6 +114,13 @@ class Settings:
         4096.0, "Disk for adapters fetched from S3; the least recently used file goes.", "megabytes"
     )
 
+    def __post_init__(self):
+        if self.cuda_graphs and self.compile != "none":
+            raise ValueError(
+                "config.pbtxt: cuda_graphs captures the eager UNet; compile makes its own graphs "
+                "(reduce-overhead): set one of them"
+            )
+
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], base: Settings) -> Settings:
         """`base` with the values a model's config.pbtxt sets; a bad key or value is a clear error."""
@@ -156,11 +163,6 @@ class Settings:
         if settings.fuse_qkv and settings.attention == "xformers":
             raise ValueError(
                 "config.pbtxt: fuse_qkv runs on PyTorch SDPA; it cannot go with attention=xformers"
-            )
-        if settings.cuda_graphs and settings.compile != "none":
-            raise ValueError(
-                "config.pbtxt: cuda_graphs captures the eager UNet; compile makes its own graphs "
-                "(reduce-overhead): set one of them"
             )
         if settings.fuse_qkv and settings.adapters != "none":
             raise ValueError(

@@ -45,21 +45,25 @@ def device_script(step, tmp_path, args, expect=0, wheels=""):
 def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     """Through bench/device.sh, the one call a lent GPU machine gets, with the device and weights swapped."""
     weights = tmp_path / "weights"
-    args = f"--device cpu --tiny --steps 2 --repeats 1 --compile default --weights-cache {weights}"
+    args = "--device cpu --tiny --dtype float32 --steps 2 --repeats 1 --compile default"
+    args += f" --weights-cache {weights}"
     result = device_script("run", tmp_path, args)
     report = (tmp_path / "benchmarks.md").read_text()
     assert report.startswith("## make bench-gpu: CPU;") and "Weights: tiny." in report
     assert "| batch 8 |" in result.stdout and "| batch 8 |" in (tmp_path / "bench.log").read_text()
     for row in [
-        "| SDPA |",
-        "| SDPA + channels_last |",
-        "| SDPA + channels_last + fused QKV |",
+        "| SDPA (today's default) |",
+        "| sync-free loop |",
+        "| sync-free + CUDA graphs |",
+        "| sync-free + CUDA graphs + channels_last |",
+        "| sync-free + CUDA graphs + fused QKV |",
+        "| sync-free + CUDA graphs + channels_last + fused QKV |",
         "| batch 1 |",
         "| batch 4 |",
         "| batch 8 |",
-        "| scheduler pndm |",
-        "| scheduler euler |",
-        "| scheduler dpm++ |",
+        "| scheduler pndm, SDPA (today's default) |",
+        "| scheduler euler, SDPA (today's default) |",
+        "| scheduler dpm++, SDPA (today's default) |",
         "| sd_depth 512x512 |",
         "| sd_inpaint 512x512 |",
         "| sd_upscale 128->512 |",
@@ -67,6 +71,9 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     ]:
         assert row in report, row
     assert "Fastest without compile: " in report and "With compile: " in report
+    assert "Images against SDPA (today's default), same seed: sync-free loop: identical;" in report
+    best = report.split("Fastest without compile: ")[1].split(" (")[0]
+    assert f"| scheduler unipc, {best} |" in report
     assert "+ compile (default) |" in report
     assert "failed" not in report and "out of memory" not in report
     # TFLOP/s counts every image of a batch: the FLOPs per image (TFLOP/s x latency / n) agree
@@ -109,9 +116,12 @@ def test_served_refuses_a_bad_setting_before_building_anything(tmp_path, capsys,
 def test_bench_gpu_sections_can_be_skipped_and_rounds_merge(tiny_repository):
     """A short lease: --skip leaves only the eager settings (each the median of both rounds' calls)."""
     bench = gpu.Bench(torch.device("cpu"), lambda model: weights.weights_dir(tiny_repository, model), 1)
-    lines = gpu.run(bench, steps=1, compile_mode="none", upscale_sides=[], rounds=2, skip=gpu.SECTIONS)
-    rows = [line for line in lines if line.startswith("| SDPA")]
-    assert len(rows) == 3 and "Fastest without compile: " in "\n".join(lines) and "; rounds: 2." in lines[-2]
+    lines = gpu.run(
+        bench, steps=1, compile_mode="none", upscale_sides=[], rounds=2, skip=gpu.SECTIONS, dtype="float32"
+    )
+    rows = [line for line in lines if line.startswith(("| SDPA", "| sync-free"))]
+    text = "\n".join(lines)
+    assert len(rows) == 6 and "Fastest without compile: " in text and "; rounds: 2." in text
     table_rows = [line for line in lines if line.startswith("| ") and not line.startswith("| setting")]
     assert table_rows == rows and not [line for line in lines if "Largest" in line or "+ compile" in line]
 
