@@ -12,8 +12,8 @@ those inputs, so one graph serves every step; the scheduler stays eager.
 - A call it cannot replay (other arguments, a timestep that is not a tensor, a capture that failed)
   runs eagerly: nothing is ever refused for want of a graph.
 - Graphs read the weights where they are: adapters fused in place keep them valid. Weights or buffers
-  moved to new memory (`unet.to(...)`, a module replaced) drop every graph, and the next calls capture
-  again.
+  moved to new memory (`unet.to(...)`, a module replaced or added, as PEFT's unfused LoRA layers are)
+  drop every graph, and the next calls capture again.
 - On CPU there are no CUDA graphs; the same bookkeeping runs with the capture replaced by plain calls
   (`plain_capture`), so tests drive keys, LRU, invalidation and fallbacks there.
 """
@@ -31,6 +31,22 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 log = logging.getLogger("sdmme")
 
 Replay = Tuple[Callable[[], None], torch.Tensor]  # replays the capture; the output it writes
+
+# Counts module, parameter and buffer registrations anywhere in the process (rare while serving): a
+# UNet whose structure may have changed is walked again; otherwise only its tensors' addresses are read.
+_registrations = [0]
+
+
+def _registered(*args) -> None:
+    _registrations[0] += 1
+
+
+for _hook in (
+    torch.nn.modules.module.register_module_module_registration_hook,
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+):
+    _hook(_registered)
 
 
 def cuda_capture(forward: Callable[[], torch.Tensor], pool) -> Replay:
@@ -79,16 +95,21 @@ class GraphedUNet:
         self.warmed: set = set()  # signatures run once eagerly, captured on their next call
         self.failed: Dict[tuple, str] = {}  # signatures whose capture failed: served eagerly
         self.counts = collections.Counter()  # eager, captured, replayed, dropped
+        self._modules, self._tensors, self._walked = (), [], None
         self.weights = self._weights()
 
     def install(self) -> GraphedUNet:
         self.unet.forward = self  # nn.Module calls self.forward: the instance's wins over the class's
         return self
 
-    def _weights(self) -> Tuple[int, ...]:
-        return tuple(t.data_ptr() for t in self.unet.parameters()) + tuple(
-            t.data_ptr() for t in self.unet.buffers()
-        )
+    def _weights(self) -> tuple:
+        """The UNet's modules and where each parameter and buffer lives; the module tree is walked
+        again only after a registration somewhere."""
+        if self._walked != _registrations[0]:
+            self._modules = tuple(id(module) for module in self.unet.modules())
+            self._tensors = [*self.unet.parameters(), *self.unet.buffers()]
+            self._walked = _registrations[0]
+        return self._modules, tuple(t.data_ptr() for t in self._tensors)
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, return_dict=True, **rest):
         def eager():
@@ -124,7 +145,10 @@ class GraphedUNet:
         weights = self._weights()
         if weights != self.weights:
             if self.graphs:
-                log.info("UNet weights moved to new memory: %d CUDA graph(s) dropped", len(self.graphs))
+                log.info(
+                    "UNet weights moved to new memory or modules replaced: %d CUDA graph(s) dropped",
+                    len(self.graphs),
+                )
                 self.counts["dropped"] += len(self.graphs)
             self.graphs.clear()
             self.warmed.clear()

@@ -86,8 +86,12 @@ def test_weights_moved_to_new_memory_drop_the_graphs(folders, caplog):
     pipeline.unet.conv_in.weight.data = pipeline.unet.conv_in.weight.data.clone()  # new memory
     with caplog.at_level(logging.INFO, logger="sdmme"):
         image(runner, job)
-    assert "UNet weights moved to new memory: 1 CUDA graph(s) dropped" in caplog.text
+    assert "UNet weights moved to new memory or modules replaced: 1 CUDA graph(s) dropped" in caplog.text
     assert graphs.counts["dropped"] == 1 and graphs.counts["captured"] == 2  # warmed up and captured again
+    block = pipeline.unet.mid_block.attentions[0].transformer_blocks[0]
+    block.ff = torch.nn.Sequential(block.ff, torch.nn.Identity())  # a module added: new structure
+    image(runner, job)
+    assert graphs.counts["dropped"] == 2 and graphs.counts["captured"] == 3
 
 
 def test_adapters_fused_in_place_keep_the_graphs(folders, tmp_path):
