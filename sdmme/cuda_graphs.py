@@ -12,8 +12,8 @@ those inputs, so one graph serves every step; the scheduler stays eager.
 - A call it cannot replay (other arguments, a timestep that is not a tensor, a capture that failed)
   runs eagerly: nothing is ever refused for want of a graph.
 - Graphs read the weights where they are: adapters fused in place keep them valid. Weights or buffers
-  moved to new memory (`unet.to(...)`, a module replaced or added, as PEFT's unfused LoRA layers are)
-  drop every graph, and the next calls capture again.
+  moved to new memory (`unet.to(...)`) or modules replaced or added (PEFT's unfused LoRA layers) drop
+  every graph when the next pipeline call starts (`check_weights`), and its calls capture again.
 - On CPU there are no CUDA graphs; the same bookkeeping runs with the capture replaced by plain calls
   (`plain_capture`), so tests drive keys, LRU, invalidation and fallbacks there.
 """
@@ -31,22 +31,6 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 log = logging.getLogger("sdmme")
 
 Replay = Tuple[Callable[[], None], torch.Tensor]  # replays the capture; the output it writes
-
-# Counts module, parameter and buffer registrations anywhere in the process (rare while serving): a
-# UNet whose structure may have changed is walked again; otherwise only its tensors' addresses are read.
-_registrations = [0]
-
-
-def _registered(*args) -> None:
-    _registrations[0] += 1
-
-
-for _hook in (
-    torch.nn.modules.module.register_module_module_registration_hook,
-    torch.nn.modules.module.register_module_parameter_registration_hook,
-    torch.nn.modules.module.register_module_buffer_registration_hook,
-):
-    _hook(_registered)
 
 
 def cuda_capture(forward: Callable[[], torch.Tensor], pool) -> Replay:
@@ -95,7 +79,6 @@ class GraphedUNet:
         self.warmed: set = set()  # signatures run once eagerly, captured on their next call
         self.failed: Dict[tuple, str] = {}  # signatures whose capture failed: served eagerly
         self.counts = collections.Counter()  # eager, captured, replayed, dropped
-        self._modules, self._tensors, self._walked = (), [], None
         self.weights = self._weights()
 
     def install(self) -> GraphedUNet:
@@ -103,13 +86,12 @@ class GraphedUNet:
         return self
 
     def _weights(self) -> tuple:
-        """The UNet's modules and where each parameter and buffer lives; the module tree is walked
-        again only after a registration somewhere."""
-        if self._walked != _registrations[0]:
-            self._modules = tuple(id(module) for module in self.unet.modules())
-            self._tensors = [*self.unet.parameters(), *self.unet.buffers()]
-            self._walked = _registrations[0]
-        return self._modules, tuple(t.data_ptr() for t in self._tensors)
+        """The UNet's modules and where each of its parameters and buffers lives (about 2 ms to walk)."""
+        return (
+            tuple(id(module) for module in self.unet.modules()),
+            tuple(t.data_ptr() for t in self.unet.parameters()),
+            tuple(t.data_ptr() for t in self.unet.buffers()),
+        )
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, return_dict=True, **rest):
         def eager():
@@ -129,7 +111,6 @@ class GraphedUNet:
         if class_labels is not None:
             inputs["class_labels"] = class_labels
         key = tuple((name, (tuple(t.shape), t.stride(), t.dtype, t.device)) for name, t in inputs.items())
-        self._check_weights()
         graph = self.graphs.get(key)
         if graph is None:
             graph = self._prepare(key, inputs)
@@ -141,7 +122,9 @@ class GraphedUNet:
         self.counts["replayed"] += 1
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
 
-    def _check_weights(self) -> None:
+    def check_weights(self) -> None:
+        """Drops every graph when the UNet's weights moved to new memory or its modules changed; the
+        Runner asks once per pipeline call (a graph reads the addresses it was captured with)."""
         weights = self._weights()
         if weights != self.weights:
             if self.graphs:

@@ -340,6 +340,9 @@ class Runner:
 
     @torch.inference_mode()
     def _generate(self, args, prompts, negative_prompts, seeds, images, should_stop) -> list:
+        graphs = cuda_graphs.of(self.pipeline.unet)
+        if graphs is not None:
+            graphs.check_weights()
         self.pipeline.scheduler = self.scheduler(args["scheduler"])
         kwargs = {k: args[k] for k in PIPELINE_ARGS if k in args}
         if should_stop is not None:
