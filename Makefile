@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: FORCE venv lock weights weights-full weights-hub model adapter models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters clean
 
 # TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
@@ -48,6 +48,12 @@ model: venv
 adapter: weights
 	@test -n "$(NAME)" -a -n "$(MODEL)" -a -n "$(FILE)" || (echo "usage: make adapter NAME=ink MODEL=sd_base FILE=lora.safetensors|hub-id [FORCE=1]"; exit 2)
 	$(PY) -m sdmme.adapters "$(NAME)" --model "$(MODEL)" --file "$(FILE)" --repository "$(REPOSITORY)" $(if $(FORCE),--force)
+
+# torch.compile's caches for MODEL (its config.pbtxt sets compile), built on this machine's GPU for
+# endpoints of that GPU type; make package ships them (README: Compile artifacts).
+compile-cache: weights
+	@test -n "$(MODEL)" || (echo "usage: make compile-cache MODEL=sd_base [SHAPES=512:1,512:8]"; exit 2)
+	$(PY) -m sdmme.compile_artifacts --model "$(MODEL)" --repository "$(REPOSITORY)" $(if $(SHAPES),--shapes "$(SHAPES)")
 
 serve: weights
 	$(PY) -m deploy.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)

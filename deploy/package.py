@@ -26,6 +26,7 @@ from deploy import tarball
 from env import contract, trim
 from env.build import OUTPUT as ENV_DIR
 from env.build import verified_manifest
+from sdmme import compile_artifacts
 from sdmme import repository as model_folders  # not `repository`: package() takes a path by that name
 from sdmme.spec import MODELS
 
@@ -90,7 +91,12 @@ def check_model(folder: Path) -> Dict:
     if not any(weights.rglob("*.safetensors")):
         raise PackageError(f"{name}: {weights} holds no .safetensors files")
     source = json.loads((weights / "source.json").read_text()) if (weights / "source.json").exists() else {}
-    return {"model": name, "kind": kind, "weights": source.get("source", "unknown")}
+    return {
+        "model": name,
+        "kind": kind,
+        "weights": source.get("source", "unknown"),
+        "compile_artifacts": compile_artifacts.summary(folder),
+    }
 
 
 def members(folder: Path, staging: Path, env_dir: Path, env_path: str = BUNDLED) -> List:
@@ -102,7 +108,8 @@ def members(folder: Path, staging: Path, env_dir: Path, env_path: str = BUNDLED)
     if env_path == BUNDLED:
         files.append((env_dir, f"{name}/{ENV_NAME}"))
     files.append((folder / "1" / "model.py", f"{name}/1/model.py"))
-    for path in sorted((folder / "1" / "weights").rglob("*")):
+    shipped = [*(folder / "1" / "weights").rglob("*"), *(folder / "1" / compile_artifacts.FOLDER).glob("*")]
+    for path in sorted(shipped):
         relative = path.relative_to(folder)
         if "__pycache__" in relative.parts or path.is_dir():
             continue

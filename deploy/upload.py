@@ -155,8 +155,8 @@ MANIFEST_BYTES = 64 * 1024  # the manifest is the first member: well inside the 
 
 
 def catalog(s3, bucket: str, prefix: str) -> List[Dict]:
-    """Every model under s3://bucket/prefix/: its TargetModel, kind (from the manifest at the start of
-    the archive, read with one ranged GET), size and adapters. What an MME on that prefix can serve."""
+    """Every model under s3://bucket/prefix/: its TargetModel, kind and compile artifacts (from the
+    manifest at the start of the archive, read with one ranged GET), size and adapters. What an MME on that prefix can serve."""
     prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     found, adapters = [], {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -174,6 +174,7 @@ def catalog(s3, bucket: str, prefix: str) -> List[Dict]:
                     "kind": manifest.get("kind", "unknown"),
                     "bytes": item["Size"],
                     "model": manifest.get("model", "unknown"),
+                    "compile_artifacts": manifest.get("compile_artifacts", []),
                 }
             )
     for item in found:
@@ -200,9 +201,10 @@ def main() -> None:
     if args.list:
         for item in catalog(s3_client(args.endpoint_url, args.region), args.bucket, args.prefix):
             adapters = ", ".join(item["adapters"]) or "-"
+            compiled = "; ".join(f"{a['mode']} for {a['device']}" for a in item["compile_artifacts"]) or "-"
             print(
                 f"{item['target_model']:40} {item['kind']:12} {item['bytes'] / 1e6:10,.1f} MB"
-                f"  adapters: {adapters}"
+                f"  adapters: {adapters}  compile artifacts: {compiled}"
             )
         return
     archives = sorted(args.dist.glob("*.tar.gz"))

@@ -227,11 +227,16 @@ def _all_gone(group: List[Job]) -> Callable[[], bool]:
     return lambda: all(job.gone() for job in group)
 
 
+def default_side(spec: ModelSpec) -> int:
+    """The side of the model's usual request: 512 pixels out, or for the upscaler 128 in (512 out)."""
+    return 128 if spec.name == "sd_upscale" else 512
+
+
 def warmup_job(spec: ModelSpec, side: Optional[int] = None, steps: int = 2, seed: int = 0) -> Job:
     """A request at the model's defaults that runs `steps` denoising steps, at `side` pixels (the input
-    side for image models; default: 512, the upscaler 128): compiles kernels at load, times the model."""
+    side for image models; default: default_side): compiles kernels at load, times the model."""
     args = spec.validate_args({"seed": seed})
-    side = side or (128 if spec.name == "sd_upscale" else 512)
+    side = side or default_side(spec)
     inputs = {
         name: Image.new("L" if name == "mask_image" else "RGB", (side, side), 128)
         for name in spec.image_inputs

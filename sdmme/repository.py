@@ -21,8 +21,8 @@ from sdmme.spec import KIND_PARAMETER, MODELS
 log = logging.getLogger("sdmme.weights")
 # A TargetModel is `<name>.tar.gz`; Triton model names and S3 keys both take these characters.
 NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-_KIND = re.compile(
-    r'parameters:\s*\{\s*key:\s*"' + KIND_PARAMETER + r'"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', re.S
+_PARAMETER = re.compile(
+    r'parameters:\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', re.S
 )
 
 
@@ -30,10 +30,14 @@ class ModelError(Exception):
     """The model cannot be added or read; nothing was written."""
 
 
+def parameters_in(config_text: str) -> Dict[str, str]:
+    """The `parameters` a config.pbtxt sets (string values, as Triton hands them to the model)."""
+    return dict(_PARAMETER.findall(config_text))
+
+
 def kind_in(config_text: str) -> Optional[str]:
     """The kind a config.pbtxt declares, or None."""
-    found = _KIND.search(config_text)
-    return found.group(1) if found else None
+    return parameters_in(config_text).get(KIND_PARAMETER)
 
 
 def models(repository: Path) -> Dict[str, str]:

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY)  # before torch;
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from sdmme import adapters, batching, budget, images, pipelines  # noqa: E402
+from sdmme import adapters, batching, budget, compile_artifacts, images, pipelines  # noqa: E402
 from sdmme.spec import (  # noqa: E402
     BASE64,
     FILES,
@@ -104,6 +104,8 @@ class DiffusionModel:
         start = time.monotonic()
         self.budget = settings.time_budget_s
         try:
+            if settings.compile != "none":  # before anything compiles: the graphs then come from them
+                compile_artifacts.load(folder, device, settings.compile, self.name)
             pipeline = pipelines.load(self.spec, weights, device, settings)
             self.runner = pipelines.Runner(
                 pipeline, adapters.for_model(folder, settings, pipeline), sync_free=settings.sync_free
@@ -111,7 +113,14 @@ class DiffusionModel:
             if settings.compile != "none":
                 warm = time.monotonic()
                 batching.run(self.runner, [batching.warmup_job(self.spec)])
-                log.info("%s: compiled and warmed up in %.1fs", self.name, time.monotonic() - warm)
+                graphs = compile_artifacts.compiled_graphs()
+                log.info(
+                    "%s: compiled and warmed up in %.1fs (%d graph(s) from the compile cache, %d compiled)",
+                    self.name,
+                    time.monotonic() - warm,
+                    graphs["from cache"],
+                    graphs["compiled"],
+                )
             self.cost = budget.calibrate(self.runner, self.spec) if self.budget else None
         except Exception as e:
             if pipelines.is_out_of_memory(e):

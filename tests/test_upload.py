@@ -145,6 +145,7 @@ def test_adapters_go_under_the_prefix_file_first_and_are_never_replaced_silently
             "bytes": archives[0].stat().st_size,
             "model": "sd_base",
             "adapters": ["ink", "sun"],
+            "compile_artifacts": [],
         }
     }
     (repo / "sd_base" / "adapters" / "sun.safetensors").write_bytes(b"changed")
