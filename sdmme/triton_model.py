@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import locale
 import logging
 import os
 import sys
@@ -13,6 +14,16 @@ from pathlib import Path
 import sdmme
 
 os.environ.setdefault("OMP_WAIT_POLICY", sdmme.OMP_WAIT_POLICY)  # before torch; the operator's value wins
+
+# The backend stub's embedded Python starts in the C locale, so open() without an encoding reads ASCII:
+# torch.compile failed there reading its UTF-8 templates (UnicodeDecodeError). UTF-8 as everywhere else.
+if locale.getpreferredencoding(False).lower() not in ("utf-8", "utf8"):
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            break
+        except locale.Error:
+            continue
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402

@@ -140,7 +140,9 @@ def test_a_cold_load_with_artifacts_compiles_nothing(tiny_repository, tmp_path):
         assert status == 200, body
         payload = sample_payload(
             prompt="a lighthouse",
-            gen_args=json.dumps({"num_inference_steps": 2, "seed": 3, "height": 64, "width": 64}),
+            gen_args=json.dumps(
+                {"num_inference_steps": 2, "seed": 3, "height": 64, "width": 64, "output_format": "png"}
+            ),
         )
         status, body = post(server, "/v2/models/sd_base/infer", payload)
         assert status == 200, body
