@@ -52,7 +52,7 @@ def _python(args: List[str], env_cache: Optional[Path], timeout: float) -> subpr
     )
 
 
-def cold_load(folder: Path, side: int, steps: int, repeats: int) -> Dict:
+def cold_load(folder: Path, side: int, steps: int, repeats: int, quick: bool = False) -> Dict:
     """In this (fresh) process: artifacts (if any), the model loaded and warmed up as initialize() does;
     then batch 1 and 8 and a size not prepared."""
     import torch
@@ -88,12 +88,14 @@ def cold_load(folder: Path, side: int, steps: int, repeats: int) -> Dict:
         sync()
         return time.perf_counter() - begin
 
-    for batch in (1, 8):
+    for batch in (1,) if quick else (1, 8):
         jobs = [
             dataclasses.replace(batching.warmup_job(spec, side, steps, seed=i), index=i) for i in range(batch)
         ]
         timed(jobs)  # the first call of batch 8 may still compile (a shape not in the artifacts)
         result[f"batch_{batch}_s"] = statistics.median(timed(jobs) for _ in range(repeats))
+    if quick:
+        return result
     new_side = side * 3 // 4 // 8 * 8
     result["new_size_first_s"] = timed([batching.warmup_job(spec, new_side, steps)])
     result["new_size_s"] = timed([batching.warmup_job(spec, new_side, steps)])
@@ -102,9 +104,16 @@ def cold_load(folder: Path, side: int, steps: int, repeats: int) -> Dict:
 
 
 def rows(
-    weights_folder: Path, modes: List[str], side: int, steps: int, repeats: int, timeout: float = 1800
+    weights_folder: Path,
+    modes: List[str],
+    side: int,
+    steps: int,
+    repeats: int,
+    quick: bool = False,
+    timeout: float = 1800,
 ) -> List[str]:
-    """The table: per mode, build time, cold load with and without artifacts, latencies."""
+    """The table: per mode, build time, cold load with and without artifacts, latencies (`quick`: batch
+    1 only, no new size: each is another compile, and CPU tests have 2 cores)."""
     columns = [
         "compile mode",
         "build (s)",
@@ -131,7 +140,7 @@ def rows(
                         "--repository",
                         str(folder.parent),
                         "--shapes",
-                        f"{side}:1,{side}:8",
+                        f"{side}:1" if quick else f"{side}:1,{side}:8",
                     ],
                     None,
                     timeout,
@@ -158,7 +167,7 @@ def rows(
                         str(steps),
                         "--repeats",
                         str(repeats),
-                    ]
+                    ] + (["--quick"] if quick else [])
                     done = _python(args, work / f"cache-{mode}-{with_artifacts}", timeout)
                     if done.returncode != 0:
                         raise RuntimeError(done.stderr.strip().splitlines()[-1])
@@ -172,14 +181,17 @@ def rows(
                     f"{warm['load_s']:.1f}",
                     f"{warm['compiled']} ({warm['from cache']})",
                     f"{warm['batch_1_s']:.3f}",
-                    f"{warm['batch_8_s']:.3f}",
-                    f"{warm['new_size_first_s']:.1f} ({warm['new_side']}px; then {warm['new_size_s']:.3f})",
                 ]
+                if not quick:
+                    cells.append(f"{warm['batch_8_s']:.3f}")
+                    first, then = warm["new_size_first_s"], warm["new_size_s"]
+                    cells.append(f"{first:.1f} ({warm['new_side']}px; then {then:.3f})")
+                else:
+                    cells += ["not measured (quick)"] * 2
                 lines.append("| " + " | ".join(cells) + " |")
             except Exception as e:
-                lines.append(
-                    f"| {mode} | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')} | | | | | | | |"
-                )
+                why = f"failed: {type(e).__name__}: {str(e)[:200]}".replace("|", "/")
+                lines.append(f"| {mode} | {why} |" + " |" * (len(columns) - 2))
     return lines
 
 
@@ -195,13 +207,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, no new size (CPU tests)")
     args = parser.parse_args(argv)
     if args.load:
-        print(json.dumps(cold_load(args.load, args.side, args.steps, args.repeats)))
+        print(json.dumps(cold_load(args.load, args.side, args.steps, args.repeats, args.quick)))
         return 0
     if not args.weights:
         parser.error("--weights is required for the table")
-    print("\n".join(rows(args.weights, args.modes, args.side, args.steps, args.repeats)))
+    print("\n".join(rows(args.weights, args.modes, args.side, args.steps, args.repeats, args.quick)))
     return 0
 
 

@@ -12,6 +12,8 @@ Measures, in one run, and appends to docs/benchmarks.md with the GPU, versions a
   layers, the time to load one onto the GPU and fuse it, and a switch between two loaded ones;
 - depth and inpaint at 512x512; the upscaler at 128->512 and 256->1024 with and without VAE tiling;
 - the largest upscaler input that fits in the memory of the default instance's GPU (A10G, 24 GB);
+- compile artifacts for each compile mode: the cold compile that builds them, a cold load with and
+  without them (fresh processes), latency at batch 1 and 8 and a first request at a new size;
 - last, the fastest setting + torch.compile, whose compile time is reported apart.
 `--skip` leaves out batching, the schedulers, the other models or the upscaler's limit (a short lease).
 
@@ -230,7 +232,8 @@ class Report(list):
 
 
 # what --skip can leave out; the settings and compile stay
-SECTIONS = ("batching", "schedulers", "adapters", "models", "upscale-limit")
+SECTIONS = ("batching", "schedulers", "adapters", "models", "upscale-limit", "artifacts")
+ARTIFACT_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def merged(results: List[Result]) -> Result:
@@ -373,6 +376,19 @@ def run(
         if side is not None:
             tried = ", ".join(map(str, upscale_sides))
             lines += [f"Largest `sd_upscale` input {within}: {side}x{side} (sides tried: {tried}).", ""]
+
+    if "artifacts" not in skip:  # each mode compiled cold, then cold loads in fresh processes: the slowest
+        from bench import compiled
+
+        lines += [
+            f"Compile artifacts (make compile-cache), sd_base, {steps} steps; each load a fresh process "
+            "with an empty compile cache of its own:",
+            "",
+        ]
+        lines += compiled.rows(
+            bench.weight_folder("sd_base"), list(ARTIFACT_MODES), 512, steps, bench.repeats
+        )
+        lines.append("")
 
     if compile_mode != "none":
         label = f"{best_label} + compile ({compile_mode})"

@@ -45,7 +45,7 @@ def device_script(step, tmp_path, args, expect=0, wheels=""):
 def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     """Through bench/device.sh, the one call a lent GPU machine gets, with the device and weights swapped."""
     weights = tmp_path / "weights"
-    args = "--device cpu --tiny --dtype float32 --steps 2 --repeats 1 --compile default"
+    args = "--device cpu --tiny --dtype float32 --steps 2 --repeats 1 --compile default --skip artifacts"
     args += f" --weights-cache {weights}"
     result = device_script("run", tmp_path, args)
     report = (tmp_path / "benchmarks.md").read_text()
@@ -82,6 +82,40 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
         cells = next(line for line in report.splitlines() if line.startswith(f"| batch {n} |")).split("|")
         per_image.append(float(cells[5]) * float(cells[2]) / n)
     assert max(per_image) < 1.1 * min(per_image), per_image
+
+
+def test_compile_artifacts_measured_on_cpu_with_tiny_weights(tiny_repository):
+    """bench-gpu's artifacts section (bench/compiled.py): build, cold loads without and with them (at the
+    warm-up's size, batch 1: every other shape is another compile on 2 cores)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.compiled",
+            "--weights",
+            str(weights.weights_dir(tiny_repository, "sd_base")),
+            "--modes",
+            "default",
+            "--side",
+            "512",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--quick",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("| default |")]
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert len(cells) == 9 and "failed" not in row, row
+    compiled, from_artifacts = re.fullmatch(r"(\d+) \((\d+)\)", cells[5]).groups()
+    assert compiled == "0" and int(from_artifacts) > 0, row  # the load with artifacts compiled nothing
+    assert float(cells[3]) > 0 and float(cells[4]) > 0 and cells[7] == "not measured (quick)"
 
 
 def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
