@@ -156,7 +156,8 @@ MANIFEST_BYTES = 64 * 1024  # the manifest is the first member: well inside the 
 
 def catalog(s3, bucket: str, prefix: str) -> List[Dict]:
     """Every model under s3://bucket/prefix/: its TargetModel, kind and compile artifacts (from the
-    manifest at the start of the archive, read with one ranged GET), size and adapters. What an MME on that prefix can serve."""
+    manifest at the start of the archive, read with one ranged GET), size and adapters. What an MME
+    on that prefix can serve."""
     prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     found, adapters = [], {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
