@@ -11,6 +11,10 @@
 #   carry [".whl"]:         bash bench/device.sh run     make bench-gpu (full-size random weights)
 #   carry [".whl-triton"]:  bash bench/device.sh serve   the four models served by tritonserver, called
 #                                                        with the AWS sample's payloads (bench/served.py)
+#   bench-gpu's sections no longer fit one call: run it twice, e.g. BENCH_ARGS="--skip artifacts" then
+#   BENCH_ARGS="--skip batching schedulers adapters models upscale-limit --compile none --rounds 1"
+#   (the artifacts table: each compile mode built cold, then cold loads in fresh processes). For
+#   issue 16's serving row: BENCH_ARGS="--set sync_free=true cuda_graphs=true" bash bench/device.sh serve.
 #   Each writes its report and log under $OUT and prints rows as they are measured, so a run cut short
 #   keeps what it measured. BENCH_ARGS passes options (e.g. "--compile none --repeats 1"); BENCH_TIMEOUT
 #   (seconds, default 540) stops it inside a 600 s call.
