@@ -154,6 +154,20 @@ def compiled_graphs() -> Dict[str, int]:
     }
 
 
+def log_new_graphs(label: str, seen: int, what: str) -> int:
+    """Says when the call just run compiled graphs (a size or batch compiled for the first time: later
+    calls of it reuse them); returns the count of compiled graphs now."""
+    compiled = compiled_graphs()["compiled"]
+    if compiled > seen:
+        log.info(
+            "%s: compiled %d new graph(s) for %s; later calls of that shape reuse them",
+            label,
+            compiled - seen,
+            what,
+        )
+    return compiled
+
+
 def summary(model_folder: Path) -> List[Dict[str, str]]:
     """The model's artifacts, a line each for make models: mode, device, torch."""
     return [

@@ -114,6 +114,7 @@ class DiffusionModel:
         weights = folder / args["model_version"] / "weights"
         start = time.monotonic()
         self.budget = settings.time_budget_s
+        self.compiles = settings.compile != "none"
         try:
             if settings.compile != "none":  # before anything compiles: the graphs then come from them
                 compile_artifacts.load(folder, device, settings.compile, self.name)
@@ -217,7 +218,13 @@ class DiffusionModel:
                     answer(i, error)
                 else:
                     jobs.append(job)
+            compiled = compile_artifacts.compiled_graphs()["compiled"] if self.compiles else 0
             for group, outcome in batching.execute(self.runner, jobs, self.name, self.cost):
+                if self.compiles:
+                    width, height = batching.output_size(self.spec, group[0].args, group[0].images)
+                    images = sum(len(job.seeds) for job in group)
+                    what = f"a call of {images} image(s) at {width}x{height}"
+                    compiled = compile_artifacts.log_new_graphs(self.name, compiled, what)
                 if isinstance(outcome, Exception):
                     for job in group:
                         answer(job.index, self._failure(outcome))

@@ -156,6 +156,8 @@ def test_a_cold_load_with_artifacts_compiles_nothing(tiny_repository, tmp_path):
     log = log_file.read_text()
     assert "sd_base: compile artifact" in log and "loaded in" in log
     assert "sd_base: no compile artifacts in" in log  # the second load had none
+    # the request's 64x64 was not among the artifacts' shapes: compiled once, and the log says so
+    assert "sd_base: compiled 1 new graph(s) for a call of 1 image(s) at 64x64; later calls" in log
     first, second = graphs_line(log)
     assert first[0] > 0 and first[1] == 0, first  # everything from the artifacts
     assert second[0] > 0 and second[1] == 0, second  # everything from the instance's own cache
