@@ -112,6 +112,10 @@ def command(
     ]
     if model_repository is not None:
         cmd.append(f"--model-repository={model_repository}")
+        if not any(flag.startswith("--model-control-mode") for flag in extra):
+            # Every model loaded at start, as without model control, and reloadable through the
+            # model-control API: a model whose process died is reloaded by the others (sdmme/recovery.py).
+            cmd += ["--model-control-mode=explicit", "--load-model=*"]
     return cmd + list(extra)
 
 

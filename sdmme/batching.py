@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from sdmme import images
+from sdmme import images, recovery
 from sdmme.spec import MAX_GEN_ARGS_CHARS, MAX_PROMPT_CHARS, InvalidInput, ModelSpec, show
 
 log = logging.getLogger("sdmme")
@@ -201,6 +201,13 @@ def execute(
             yield group, e
             continue
         except Exception as e:  # one failed group must not fail the others
+            if recovery.is_sticky(e):  # nothing can run on this device any more: fail fast, no cleanup
+                trace = traceback.format_exc()
+                log.error("%s: a call of %d request(s) broke the device:\n%s", label, len(group), trace)
+                broken = recovery.Broken(f"{type(e).__name__}: {e}")
+                for rest in [group, *pending]:
+                    yield rest, broken
+                return
             runner.free_memory()
             if runner.is_out_of_memory(e) and len(group) > 1:
                 half = len(group) // 2

@@ -28,7 +28,7 @@ if locale.getpreferredencoding(False).lower() not in ("utf-8", "utf8"):
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from sdmme import adapters, batching, budget, compile_artifacts, images, pipelines  # noqa: E402
+from sdmme import adapters, batching, budget, compile_artifacts, images, pipelines, recovery  # noqa: E402
 from sdmme.spec import (  # noqa: E402
     BASE64,
     FILES,
@@ -119,8 +119,11 @@ class DiffusionModel:
             if settings.compile != "none":  # before anything compiles: the graphs then come from them
                 compile_artifacts.load(folder, device, settings.compile, self.name)
             pipeline = pipelines.load(self.spec, weights, device, settings)
-            self.runner = pipelines.Runner(
-                pipeline, adapters.for_model(folder, settings, pipeline), sync_free=settings.sync_free
+            self.runner = recovery.with_fault_hook(
+                pipelines.Runner(
+                    pipeline, adapters.for_model(folder, settings, pipeline), sync_free=settings.sync_free
+                ),
+                self.name,
             )
             if settings.compile != "none":
                 warm = time.monotonic()
@@ -139,6 +142,7 @@ class DiffusionModel:
                 # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
                 raise RuntimeError(f"out of memory loading {self.name}: {e}") from e
             raise
+        self.guard = recovery.Guard(self.name, pb_utils).start()
         log.info("%s (%s): ready in %.1fs", self.name, self.spec.name, time.monotonic() - start)
 
     def _parse(self, index: int, request):
@@ -209,6 +213,10 @@ class DiffusionModel:
             senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             answered[index] = True
 
+        if self.guard.broken is not None:  # never touch a broken device again
+            for i in range(len(requests)):
+                answer(i, self._broken())
+            return None
         try:
             requested = [self._requested(r) for r in requests]
             jobs = []
@@ -225,7 +233,11 @@ class DiffusionModel:
                     images = sum(len(job.seeds) for job in group)
                     what = f"a call of {images} image(s) at {width}x{height}"
                     compiled = compile_artifacts.log_new_graphs(self.name, compiled, what)
-                if isinstance(outcome, Exception):
+                if isinstance(outcome, recovery.Broken):
+                    self.guard.declare_broken(str(outcome))
+                    for job in group:
+                        answer(job.index, self._broken())
+                elif isinstance(outcome, Exception):
                     for job in group:
                         answer(job.index, self._failure(outcome))
                 else:
@@ -237,6 +249,13 @@ class DiffusionModel:
                 if not done:
                     answer(i, _error(f"internal error: {type(e).__name__}: {e}"))
         return None
+
+    def _broken(self):
+        return _error(
+            f"{self.name} is being reloaded after a device fault ({self.guard.broken}); "
+            "retry in a few seconds",
+            pb_utils.TritonError.UNAVAILABLE,
+        )
 
     @staticmethod
     def _failure(outcome: Exception):
@@ -253,6 +272,8 @@ class DiffusionModel:
         return _error(f"generation failed: {type(outcome).__name__}: {outcome}")
 
     def finalize(self):
+        self.guard.stop()
         del self.runner
-        pipelines.free_memory(self.device)
+        if self.guard.broken is None:  # a broken device fails every call, a cleanup one too
+            pipelines.free_memory(self.device)
         log.info("%s: unloaded", self.name)

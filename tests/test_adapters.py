@@ -14,7 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, post, sample_payload
+from conftest import ROOT, pending_requests, post, sample_payload
 from PIL import Image
 from test_gpu_settings import with_parameters
 
@@ -134,11 +134,16 @@ def test_two_adapters_in_one_execute_run_as_two_pipeline_calls(served):
     alone = {name: image(served, lora=name) for name in ("ink", "sun")}
     before = serving.model_stats(served.url, "base")
     calls_before = served.log.read_text().count("base: 1 request(s), 1 image(s) in one call")
-    blocker = {**STYLE, "num_inference_steps": 30, "height": 256, "width": 256}
+    blocker = {**STYLE, "num_inference_steps": 60, "height": 256, "width": 256}
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(generate, served, **blocker)
-        time.sleep(0.3)
+        time.sleep(0.3)  # the blocker's execute() has begun: it no longer waits for company
         queued = [pool.submit(generate, served, lora=name) for name in ("ink", "sun")]
+        deadline = time.monotonic() + 30
+        while pending_requests(served, "base") < 2 and not running.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Both wait behind the running call before it ends (a sleep alone once let CI split them).
+        assert not running.done(), "the blocker ended before both requests were queued behind it"
         results = [future.result() for future in queued]
         assert running.result()[0] == 200
     after = serving.counted(served.url, "base", before, 3)
