@@ -20,13 +20,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from conftest import b64, copy_repository, picture, point_aws_at, remove_bucket, sample_payload
 from PIL import Image
+from test_recovery import RECOVERY_TARGET_S, Traffic
 
 from client import EndpointClient
 from client.base import binary_request, request_body
 from client.cli import main as cli
 from deploy import package, tarball, upload
 from deploy.mme.service import LocalEndpoint
-from sdmme import repository, tiny
+from sdmme import recovery, repository, tiny
 from sdmme.adapters import __main__ as make_adapter
 
 BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
@@ -120,14 +121,16 @@ def mme(packed_env, tiny_repository, moto_url, tmp_path_factory):
         archives += own_models(work, env)
         upload.upload(s3, archives, BUCKET, PREFIX)
         root = make(work / "mme")
-        with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2) as endpoint:
+        faults = make(work / "faults")  # sdmme.recovery's test hook, given to the container
+        env = {recovery.FAULTS_ENV: str(faults)}
+        with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2, env=env) as endpoint:
             endpoint.serve_in_background()
             # One GET per archive: moto reads a whole object again for every ranged GET (150 of them for
             # a 1.2 GB archive took 166 s once CI's page cache was under pressure), where S3 does not.
             endpoint.manager.transfer_config = TransferConfig(multipart_threshold=1 << 40, use_threads=False)
             endpoint.runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url)
             endpoint.archives = {path.name: path for path in archives}
-            endpoint.tiny_repository, endpoint.work = tiny_repository, work
+            endpoint.tiny_repository, endpoint.work, endpoint.faults = tiny_repository, work, faults
             yield endpoint
         remove_bucket(s3, BUCKET)
     shutil.rmtree(work)
@@ -517,6 +520,74 @@ def test_adapters_uploaded_while_the_endpoint_runs_are_served_from_s3(mme, tmp_p
         assert error["OriginalStatusCode"] == 400 and message in error["OriginalMessage"], error
         assert "s3://mme-models/sd/v1/adapters/sd_base/" in error["OriginalMessage"]
     assert np.array_equal(pixels("sd_base.tar.gz", lora="ink"), adapted)
+
+
+def traffic_through(mme):
+    """Traffic's send: the AWS sample's call, (200, "") or the status and message SageMaker gives."""
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=mme.url)
+    bodies = {
+        "sd_base.tar.gz": json.dumps(sample_payload(prompt="a", gen_args=FAST)),
+        "sd_upscale.tar.gz": json.dumps(
+            sample_payload(prompt="a", image=b64(picture(32, 32)), gen_args=FAST)
+        ),
+    }
+
+    def send(target):
+        try:
+            runtime.invoke_endpoint(EndpointName=NAME, TargetModel=target, Body=bodies[target])["Body"].read()
+            return 200, ""
+        except ClientError as e:
+            error = e.response
+            return error.get("OriginalStatusCode", error["ResponseMetadata"]["HTTPStatusCode"]), str(e)
+
+    return send
+
+
+def record_of(mme, target):
+    for path in recovery.registry_folder(mme.triton.process.pid).glob("*.json"):
+        record = json.loads(path.read_text())
+        if record["name"] == target:
+            return record
+    raise AssertionError(
+        f"{target} is not registered: {list(recovery.registry_folder(mme.triton.process.pid).iterdir())}"
+    )
+
+
+@pytest.mark.parametrize("fault", ["killed process", "sticky device error"])
+def test_a_broken_model_is_reloaded_inside_the_container_while_the_other_serves(mme, fault):
+    """The SageMaker platform reloads nothing: the container brings the model back by itself, and the
+    platform's view (loaded, same name) stays true."""
+    send = traffic_through(mme)
+    for target in ("sd_base.tar.gz", "sd_upscale.tar.gz"):
+        assert send(target) == (200, "")
+    before = record_of(mme, "sd_base.tar.gz")["pid"]
+    with Traffic(send, ["sd_base.tar.gz", "sd_upscale.tar.gz"]) as traffic:
+        if fault == "killed process":
+            os.kill(before, signal.SIGKILL)
+        else:
+            (mme.faults / "sd_base.tar.gz").touch()
+        since = time.monotonic()
+        seconds = traffic.served_again("sd_base.tar.gz", since, RECOVERY_TARGET_S + 30)
+        time.sleep(1.0)
+    print(f"local MME, {fault}: sd_base.tar.gz served again {seconds:.1f}s after the fault")
+    assert {status for *_, status, _ in traffic.answers["sd_upscale.tar.gz"]} == {200}
+    # Behind SageMaker's front end every model error is a 400 (ModelError, OriginalStatusCode 400),
+    # ours too; the model-control API's unload and load leave a moment where the model is unknown.
+    faults = {
+        (status, message.split("with message ")[-1])
+        for *_, status, message in traffic.answers["sd_base.tar.gz"]
+        if status != 200
+    }
+    print(f"  answers while it was broken: {sorted(faults)}")
+    expected = (
+        "Stub process 'sd_base.tar.gz_0' is not healthy.",
+        "sd_base.tar.gz is being reloaded after a device fault",
+        "has no available versions",
+        "Identifier of model 'sd_base.tar.gz' is not found in global map",
+    )
+    assert faults and all(any(e in m for e in expected) for _, m in faults), faults
+    assert record_of(mme, "sd_base.tar.gz")["pid"] != before
+    assert sorted(mme.manager.loaded()) == ["sd_base.tar.gz", "sd_upscale.tar.gz"]
 
 
 def test_a_dead_tritonserver_is_restarted_and_models_reload(mme, caplog):

@@ -48,16 +48,17 @@ def request(server, model):
 
 
 class Traffic:
-    """One client per model sending requests back to back; every answer recorded with its time."""
+    """One client per model sending requests back to back through `send(model) -> (status, error)`;
+    every answer recorded with its time."""
 
-    def __init__(self, server, models):
-        self.server, self.answers, self.stop = server, {m: [] for m in models}, threading.Event()
+    def __init__(self, send, models):
+        self.send, self.answers, self.stop = send, {m: [] for m in models}, threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(m,)) for m in models]
 
     def _run(self, model):
         while not self.stop.is_set():
             sent = time.monotonic()
-            status, error = request(self.server, model)
+            status, error = self.send(model)
             self.answers[model].append((sent, time.monotonic(), status, error))
 
     def __enter__(self):
@@ -90,6 +91,7 @@ def load_seconds(server, model):
 
 
 def entry(server, model):
+    """The model's record among its server's models (sdmme.recovery): its process, whether broken."""
     for path in recovery.registry_folder(server.process.pid).glob("*.json"):
         record = json.loads(path.read_text())
         if record["name"] == model:
@@ -108,7 +110,7 @@ def wait_for(condition, timeout, what):
 
 def test_a_killed_model_process_is_reloaded_while_the_other_model_serves(served):
     victim = entry(served, "sd_base")["pid"]
-    with Traffic(served, ["sd_base", "sd_upscale"]) as traffic:
+    with Traffic(lambda model: request(served, model), ["sd_base", "sd_upscale"]) as traffic:
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         seconds = traffic.served_again("sd_base", killed, RECOVERY_TARGET_S + load_seconds(served, "sd_base"))
@@ -130,7 +132,7 @@ def test_a_killed_model_process_is_reloaded_while_the_other_model_serves(served)
 
 def test_a_sticky_device_error_answers_503_and_the_model_is_reloaded(served):
     before = entry(served, "sd_base")["pid"]
-    with Traffic(served, ["sd_base", "sd_upscale"]) as traffic:
+    with Traffic(lambda model: request(served, model), ["sd_base", "sd_upscale"]) as traffic:
         (served.faults / "sd_base").touch()  # the next call fails: any request sent from now on
         faulted = time.monotonic()
         limit = RECOVERY_TARGET_S + load_seconds(served, "sd_base")

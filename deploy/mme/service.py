@@ -39,6 +39,7 @@ class LocalEndpoint:
         max_models: int = 4,
         s3_endpoint_url: Optional[str] = None,
         python_version: Optional[str] = None,
+        env: Optional[dict] = None,
     ):
         self.root = root
         self.python_version = python_version  # the archives' environment Python (the image's)
@@ -51,6 +52,7 @@ class LocalEndpoint:
         }
         if s3_endpoint_url:
             self.container_env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
+        self.container_env.update(env or {})  # more settings, as a model's Environment gives them
         self.triton_port = free_port()
         self.triton = self._server()
         manager = endpoint.ModelManager(
