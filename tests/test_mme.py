@@ -7,7 +7,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import socketserver
+import subprocess
 import tarfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -588,6 +592,126 @@ def test_a_broken_model_is_reloaded_inside_the_container_while_the_other_serves(
     assert faults and all(any(e in m for e in expected) for _, m in faults), faults
     assert record_of(mme, "sd_base.tar.gz")["pid"] != before
     assert sorted(mme.manager.loaded()) == ["sd_base.tar.gz", "sd_upscale.tar.gz"]
+
+
+class CuttingProxy(socketserver.ThreadingTCPServer):
+    """A TCP proxy to S3 that, while `cutting`, closes every connection once `limit` bytes of the
+    answer passed: S3 failing in the middle of a download."""
+
+    daemon_threads = allow_reuse_address = True
+
+    def __init__(self, upstream: str, limit: int = 256 * 1024):
+        host, port = upstream.rsplit("//", 1)[1].split(":")
+        self.upstream, self.limit, self.cutting = (host, int(port)), limit, True
+        super().__init__(("127.0.0.1", 0), CuttingProxy.Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            upstream = socket.create_connection(self.server.upstream)
+            threading.Thread(target=self.pump, args=(self.request, upstream, None), daemon=True).start()
+            self.pump(upstream, self.request, self.server.limit if self.server.cutting else None)
+
+        @staticmethod
+        def pump(source, sink, limit):
+            passed = 0
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+                    passed += len(data)
+                    if limit is not None and passed >= limit:
+                        break
+            except OSError:
+                pass
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                end.close()
+
+
+def test_s3_failing_during_a_download_is_a_503_and_the_next_request_serves(mme, moto_url, caplog):
+    caplog.set_level(logging.INFO, logger="mme")
+    boto3.client("s3").upload_file(
+        str(mme.archives["sd_inpaint.tar.gz"]), BUCKET, f"{PREFIX}/cut/sd_inpaint.tar.gz"
+    )
+    send = traffic_through(mme)
+    assert send("sd_upscale.tar.gz") == (200, "")  # loaded before S3 fails
+    proxy, s3 = CuttingProxy(moto_url), mme.manager.s3
+    mme.manager.s3 = boto3.client("s3", endpoint_url=proxy.url)  # the endpoint's S3, through the proxy
+    body = json.dumps(
+        sample_payload(
+            prompt="a", image=b64(picture(64, 64)), mask_image=b64(picture(64, 64, 1)), gen_args=FAST
+        )
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(lambda: [send("sd_upscale.tar.gz") for _ in range(3)])
+            with pytest.raises(ClientError) as e:
+                mme.runtime.invoke_endpoint(EndpointName=NAME, TargetModel="cut/sd_inpaint.tar.gz", Body=body)
+            assert other.result() == [(200, "")] * 3  # served meanwhile
+        error = e.value.response
+        assert (
+            error["ResponseMetadata"]["HTTPStatusCode"] == 503
+            and error["Error"]["Code"] == "ServiceUnavailable"
+        )
+        assert "Downloading model data for cut/sd_inpaint.tar.gz failed" in error["Error"]["Message"]
+        assert "nothing was kept, retry" in error["Error"]["Message"]
+        assert not any(mme.manager.root.glob("*/model.tar.gz")), "a partial download stayed"
+        proxy.cutting = False  # S3 is back
+        response = mme.runtime.invoke_endpoint(
+            EndpointName=NAME, TargetModel="cut/sd_inpaint.tar.gz", Body=body
+        )
+        assert json.loads(response["Body"].read())["outputs"][0]["data"]
+    finally:
+        mme.manager.s3 = s3
+        proxy.shutdown()
+    assert "cut/sd_inpaint.tar.gz: download of s3://" in caplog.text
+
+
+def test_a_disk_that_fills_up_during_extraction_is_a_503_and_keeps_nothing(mme, tmp_path):
+    """The instance's model disk as a 24 MiB tmpfs with 8 MiB left: sd_depth's archive (5.8 MB) downloads
+    there, its files (more than the rest) cannot be extracted; once space is back they are."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip(
+            "mounting a small tmpfs as the full disk needs root (the dev and CI machines run as root)"
+        )
+    boto3.client("s3").upload_file(
+        str(mme.archives["sd_depth.tar.gz"]), BUCKET, f"{PREFIX}/disk/sd_depth.tar.gz"
+    )
+    assert traffic_through(mme)("sd_upscale.tar.gz") == (200, "")  # loaded from the real disk
+    root = mme.manager.root
+    mme.manager.root = disk / "models"
+    body = json.dumps(sample_payload(prompt="a", image=b64(picture(64, 64)), gen_args=FAST))
+    try:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 8 * 2**20))
+        with pytest.raises(ClientError) as e:
+            mme.runtime.invoke_endpoint(EndpointName=NAME, TargetModel="disk/sd_depth.tar.gz", Body=body)
+        error = e.value.response
+        assert error["ResponseMetadata"]["HTTPStatusCode"] == 503, error
+        assert "Cannot extract disk/sd_depth.tar.gz: the disk at" in error["Error"]["Message"]
+        assert "filled up during extraction" in error["Error"]["Message"]
+        assert list((disk / "models").iterdir()) == [], "the partial extraction stayed"
+        assert traffic_through(mme)("sd_upscale.tar.gz") == (200, "")
+        filler.unlink()
+        response = mme.runtime.invoke_endpoint(
+            EndpointName=NAME, TargetModel="disk/sd_depth.tar.gz", Body=body
+        )
+        assert json.loads(response["Body"].read())["outputs"][0]["data"]
+    finally:
+        mme.manager.unload_all()  # its files leave the tmpfs with it
+        mme.manager.root = root
+        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_a_dead_tritonserver_is_restarted_and_models_reload(mme, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tarfile
 from pathlib import Path
@@ -11,6 +12,10 @@ COPY_BUFFER = 1 << 20  # tarfile's default (16 KiB) costs a Python call per 16 K
 
 class ArchiveError(Exception):
     """The archive cannot be served: not a tar.gz, unsafe, or not one model folder."""
+
+
+class NoSpace(Exception):
+    """The disk filled up during the extraction (the archive itself may be fine)."""
 
 
 def extract(archive: Path, dest: Path) -> str:
@@ -36,7 +41,16 @@ def extract(archive: Path, dest: Path) -> str:
         # Members are read as they are extracted: listing them first would inflate a gzip twice.
         with tarfile.open(archive, "r:*", copybufsize=COPY_BUFFER) as tar:
             tar.extractall(dest, filter=one_model_folder)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except OSError as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(dest.parent).free
+            raise NoSpace(
+                f"the disk at {dest.parent} filled up during extraction ({free / 2**20:,.0f} MiB free "
+                f"once the partial extraction was removed)"
+            ) from None
+        raise ArchiveError(f"cannot extract {archive.name}: {type(e).__name__}: {e}") from None
+    except (tarfile.TarError, EOFError) as e:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError(f"cannot extract {archive.name}: {type(e).__name__}: {e}") from None
     except ArchiveError:

@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from botocore.exceptions import ClientError
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
 
 from deploy import upload
 from deploy.mme import archive, frontend
@@ -221,10 +222,36 @@ class ModelManager:
                 f"Failed to download model data(bucket: {self.bucket}, key: {key}). Please ensure that "
                 f"there is an object located at the URL ({e.response['Error'].get('Code')})",
             ) from None
+        except (
+            BotoCoreError,
+            Boto3Error,
+            OSError,
+        ) as e:  # S3 failed mid-way (after boto3's own retries): not theirs
+            shutil.rmtree(folder, ignore_errors=True)
+            log.error(
+                "%s: download of s3://%s/%s failed: %s: %s",
+                model.target,
+                self.bucket,
+                key,
+                type(e).__name__,
+                e,
+            )
+            raise EndpointError(
+                503,
+                "ServiceUnavailable",
+                f"Downloading model data for {model.target} failed ({type(e).__name__}: {str(e)[:200]}); "
+                "nothing was kept, retry",
+            ) from None
         timings["download"] = time.monotonic() - start
         start = time.monotonic()
         try:
             archive.extract(local, folder / "model")
+        except archive.NoSpace as e:  # the instance's disk, not the archive: nothing half-written stays
+            shutil.rmtree(folder, ignore_errors=True)
+            log.error("%s: %s", model.target, e)
+            raise EndpointError(
+                503, "ServiceUnavailable", f"Cannot extract {model.target}: {e}; retry"
+            ) from None
         except archive.ArchiveError as e:
             shutil.rmtree(folder, ignore_errors=True)
             raise EndpointError(
