@@ -113,6 +113,12 @@ class Settings:
     adapter_cache_mb: float = _setting(
         4096.0, "Disk for adapters fetched from S3; the least recently used file goes.", "megabytes"
     )
+    host_memory_reserve_gib: float = _setting(
+        0.0,
+        "Host memory a load leaves free for the other models and the server: a load whose weights would "
+        "not fit beside it is refused as out of memory (SageMaker: 507, it evicts and retries).",
+        "GiB",
+    )
 
     def __post_init__(self):
         if self.cuda_graphs and self.compile != "none":

@@ -28,7 +28,16 @@ if locale.getpreferredencoding(False).lower() not in ("utf-8", "utf8"):
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from sdmme import adapters, batching, budget, compile_artifacts, images, pipelines, recovery  # noqa: E402
+from sdmme import (  # noqa: E402
+    adapters,
+    batching,
+    budget,
+    compile_artifacts,
+    host_memory,
+    images,
+    pipelines,
+    recovery,
+)
 from sdmme.spec import (  # noqa: E402
     BASE64,
     FILES,
@@ -116,6 +125,10 @@ class DiffusionModel:
         self.budget = settings.time_budget_s
         self.compiles = settings.compile != "none"
         try:
+            before = host_memory.resident()
+            host_memory.check(
+                self.name, weights, settings.torch_dtype(device), settings.host_memory_reserve_gib
+            )
             if settings.compile != "none":  # before anything compiles: the graphs then come from them
                 compile_artifacts.load(folder, device, settings.compile, self.name)
             pipeline = pipelines.load(self.spec, weights, device, settings)
@@ -143,7 +156,13 @@ class DiffusionModel:
                 raise RuntimeError(f"out of memory loading {self.name}: {e}") from e
             raise
         self.guard = recovery.Guard(self.name, pb_utils).start()
-        log.info("%s (%s): ready in %.1fs", self.name, self.spec.name, time.monotonic() - start)
+        log.info(
+            "%s (%s): ready in %.1fs, %s",
+            self.name,
+            self.spec.name,
+            time.monotonic() - start,
+            host_memory.summary(before),
+        )
 
     def _parse(self, index: int, request):
         try:

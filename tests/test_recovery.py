@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import b64, picture, post, sample_payload
+from test_gpu_settings import with_parameters
 
 from deploy.tritonserver import TritonServer
 from sdmme import recovery
@@ -28,11 +29,24 @@ def served(tiny_repository, tmp_path_factory):
     repository = work / "model_repository"
     for model in ("sd_base", "sd_upscale"):
         shutil.copytree(tiny_repository / model, repository / model)
+    # greedy: sd_upscale keeping more host memory free than any machine has (loaded by the test)
+    shutil.copytree(tiny_repository / "sd_upscale", repository / "greedy")
+    config = repository / "greedy" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "sd_upscale"', 'name: "greedy"'))
+    with_parameters(repository / "greedy", {"host_memory_reserve_gib": "1000000"})
     faults = work / "faults"
     faults.mkdir()
     log_file = work / "tritonserver.log"
     with TritonServer(
-        repository, log_file=log_file, env={recovery.FAULTS_ENV: str(faults)}, extra=["--exit-timeout-secs=5"]
+        repository,
+        log_file=log_file,
+        env={recovery.FAULTS_ENV: str(faults)},
+        extra=[
+            "--model-control-mode=explicit",
+            "--load-model=sd_base",
+            "--load-model=sd_upscale",
+            "--exit-timeout-secs=5",  # an instance whose process died never finishes unloading
+        ],
     ) as server:
         server.faults, server.log = faults, log_file
         yield server
@@ -163,3 +177,22 @@ def test_a_broken_model_alone_reloads_itself_and_an_unloaded_one_stays_unloaded(
     assert "reloading sd_upscale" not in served.log.read_text()  # unloaded on purpose: not brought back
     assert post(served, "/v2/repository/models/sd_upscale/load", {})[0] == 200
     assert request(served, "sd_upscale")[0] == 200
+
+
+def test_a_load_that_would_not_fit_in_host_memory_is_refused_as_out_of_memory(served):
+    status, answer = post(served, "/v2/repository/models/greedy/load", {})
+    assert status == 400, answer  # behind SageMaker the same text is a 507: it evicts and retries
+    assert "out of memory loading greedy: its weights take" in answer["error"]
+    assert "1e+06 GiB stay free (host_memory_reserve_gib)" in answer["error"], answer
+    assert request(served, "sd_base")[0] == 200  # the others serve on
+    ready = re.search(
+        r"sd_base \(sd_base\): ready in [\d.]+s, host memory ([\d.]+) GiB resident \(before the "
+        r"load ([\d.]+) GiB, peak ([\d.]+) GiB\)",
+        served.log.read_text(),
+    )
+    assert ready, "the load's host memory is logged"
+    after, before, peak = map(float, ready.groups())
+    assert 0 < before <= after <= peak
+    print(
+        f"host memory of tiny sd_base: {before:.2f} GiB before its load, {after:.2f} after, peak {peak:.2f}"
+    )

@@ -1,0 +1,84 @@
+"""A model process's host memory: measured at load, and checked before it, so that a load that cannot fit
+is refused with an out-of-memory error (SageMaker answers 507, evicts other models and retries) instead of
+loading until the kernel's OOM killer ends the process, and with it every request it holds."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import struct
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+GIB = 2**30
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak() -> int:
+    """The most this process has held at once (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cgroup_room() -> Optional[int]:
+    """What this container's memory limit (cgroup v2) still allows, if it has one."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def available() -> int:
+    """Memory a new allocation can have without swapping: the kernel's MemAvailable, bounded by the
+    container's limit."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    room = int(fields["MemAvailable"].split()[0]) * 1024
+    cgroup = _cgroup_room()
+    return room if cgroup is None else min(room, cgroup)
+
+
+def weights_bytes(weights: Path, dtype: torch.dtype) -> int:
+    """The floating-point weights of every .safetensors file under `weights` as `dtype` tensors: what
+    loading them holds in host memory (their headers are read, not their tensors)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in weights.rglob("*.safetensors"):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, tensor in header.items():
+            if name != "__metadata__" and tensor["dtype"] in SAFETENSORS_DTYPES:
+                total += math.prod(tensor["shape"]) * itemsize
+    return total
+
+
+def check(name: str, weights: Path, dtype: torch.dtype, reserve_gib: float) -> int:
+    """Refuse a load whose weights would not fit beside `reserve_gib` kept free (MemoryError, which
+    initialize() reports as "out of memory loading <name>"); returns their bytes."""
+    needed, room = weights_bytes(weights, dtype), available()
+    if needed + reserve_gib * GIB > room:
+        raise MemoryError(
+            f"its weights take {needed / GIB:.2f} GiB of host memory while "
+            f"loading and {reserve_gib:g} GiB stay free (host_memory_reserve_gib); {room / GIB:.2f} GiB "
+            "are available"
+        )
+    return needed
+
+
+def summary(before: int) -> str:
+    return (
+        f"host memory {resident() / GIB:.2f} GiB resident (before the load {before / GIB:.2f} GiB, "
+        f"peak {peak() / GIB:.2f} GiB)"
+    )
