@@ -64,7 +64,7 @@ serve-docker:
 	  -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
 	  -v "$(CURDIR)":/src -w /src $(TRITON_IMAGE) \
 	  bash -c "pip install --break-system-packages -r /src/env/serving.txt /src \
-	    && tritonserver --model-repository=/src/model_repository"
+	    && tritonserver --model-repository=/src/model_repository --model-control-mode=explicit '--load-model=*'"
 
 demo: weights
 	$(PY) -m client.demo
