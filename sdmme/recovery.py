@@ -96,10 +96,12 @@ def _start_time(pid: int) -> Optional[str]:
 
 
 def registry_folder(server_pid: int) -> Path:
-    """In /dev/shm where there is one (the Python backend's own shared memory lives there): the same for
-    every process on the machine, whatever its TMPDIR."""
+    """One per tritonserver process (its pid and start time: a killed server's entries never reach a
+    later one), in /dev/shm where there is one (the Python backend's own shared memory is there): the
+    same for every process on the machine, whatever its TMPDIR."""
     shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"sdmme-models-{server_pid}"
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    return base / f"sdmme-models-{server_pid}-{_start_time(server_pid)}"
 
 
 class Guard:
