@@ -9,7 +9,7 @@ import torch
 from conftest import b64, picture
 from PIL import Image
 
-from sdmme import batching, budget, pipelines
+from sdmme import batching, budget, pipelines, recovery
 from sdmme.spec import MODELS, InvalidInput
 
 
@@ -73,6 +73,8 @@ class FakeRunner:
                 raise batching.Interrupted
         if "boom" in prompts:
             raise RuntimeError("exploded")
+        if "fault" in prompts:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if len(seeds) > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [Image.new("RGB", (8, 8), (seed % 256, 0, 0)) for seed in seeds]
@@ -97,6 +99,17 @@ def test_execute_isolates_a_failing_group_and_splits_images_back():
         im.getpixel((0, 0))[0] for im in third
     ] == [5]
     assert runner.calls[0] == ["a", "a", "c"]
+
+
+def test_a_sticky_device_error_fails_every_group_left_without_running_or_cleaning_up():
+    runner = FakeRunner()
+    jobs = [job(0, "fault"), job(1, "b", num_inference_steps=3), job(2, "c", num_inference_steps=4)]
+    outcomes = list(batching.execute(runner, jobs))
+    assert len(runner.calls) == 1 and runner.freed == 0  # nothing more runs on a broken device
+    assert sorted(j.index for group, _ in outcomes for j in group) == [0, 1, 2]
+    assert all(isinstance(outcome, recovery.Broken) for _, outcome in outcomes)
+    assert "illegal memory access" in str(outcomes[0][1])
+    assert not recovery.is_sticky(torch.cuda.OutOfMemoryError("CUDA out of memory"))
 
 
 def test_out_of_memory_splits_the_group_before_failing_anyone():
