@@ -140,15 +140,6 @@ def post(server, path: str, body: dict) -> tuple:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def pending_requests(server, model: str) -> int:
-    """Requests queued for `model` that no execute() has taken yet (Triton's metrics)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f'nv_inference_pending_request_count{{model="{model}",'):
-                return int(float(line.rsplit(" ", 1)[1]))
-    raise LookupError(f"tritonserver reports no pending request count for {model}")
-
-
 def get(server, path: str) -> dict:
     with urllib.request.urlopen(f"http://{server.url}{path}", timeout=30) as response:
         return json.loads(response.read())
