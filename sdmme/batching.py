@@ -38,6 +38,9 @@ class Job:
     warnings: List[str] = field(default_factory=list)  # told to the caller (output `warnings`) and logged
     deadline: float = math.inf  # time.monotonic() by which the caller stops waiting
     cancelled: Callable[[], bool] = lambda: False  # the caller gave up (asked only before responding)
+    started: Optional[float] = None  # time.monotonic() when its pipeline call started (None: never ran)
+    pipeline_s: float = 0.0  # seconds its pipeline call took (to its end or its failure)
+    group_size: int = 0  # requests in that call
 
     def gone(self) -> bool:
         return time.monotonic() > self.deadline or self.cancelled()
@@ -190,8 +193,14 @@ def execute(
         if cost is not None and start + cost.seconds(group) > min(job.deadline for job in group):
             yield group, TooLate(f"the server is busy: it could not start this request in time ({label})")
             continue
+        for job in group:
+            job.started, job.group_size = start, len(group)
         try:
-            results = run(runner, group, should_stop=_all_gone(group))
+            try:
+                results = run(runner, group, should_stop=_all_gone(group))
+            finally:
+                for job in group:
+                    job.pipeline_s = time.monotonic() - start
         except Interrupted:
             log.info("%s: stopped a call of %d request(s): every caller gave up", label, len(group))
             yield group, Gone("the caller gave up; the call was stopped")
@@ -232,6 +241,14 @@ def execute(
 
 def _all_gone(group: List[Job]) -> Callable[[], bool]:
     return lambda: all(job.gone() for job in group)
+
+
+def steps_run(args: Dict[str, Any]) -> int:
+    """Denoising steps a call runs: img2img pipelines run the last steps x strength of the schedule."""
+    steps = args["num_inference_steps"]
+    if "strength" in args:
+        return max(1, int(steps * args["strength"]))
+    return steps
 
 
 def default_side(spec: ModelSpec) -> int:

@@ -27,10 +27,7 @@ def work(spec: ModelSpec, job: batching.Job) -> float:
     """Units of work of a request: per image, the UNet's megapixels times (steps run + 1)."""
     width, height = batching.output_size(spec, job.args, job.images)
     megapixels = width * height / spec.output_scale**2 / 1e6
-    steps = job.args["num_inference_steps"]
-    if "strength" in job.args:
-        steps = max(1, int(steps * job.args["strength"]))
-    return len(job.seeds) * megapixels * (steps + 1)
+    return len(job.seeds) * megapixels * (batching.steps_run(job.args) + 1)
 
 
 class CostModel:

@@ -8,12 +8,13 @@ settings to the tiny pipelines on CPU and checks that each one took effect.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import diffusers
 import torch
@@ -56,8 +57,8 @@ def _setting(default, help: str, values: str = ""):
 
 @dataclass(frozen=True)
 class Settings:
-    """How a pipeline is set up for speed, the time a request may take and where its adapters come
-    from; config.pbtxt `parameters` of the same names override them.
+    """How a pipeline is set up for speed, the time a request may take, where its adapters come from
+    and what it tells the operator; config.pbtxt `parameters` of the same names override them.
 
     The GPU defaults are the fastest settings that cost no cold-start time and change no output beyond
     rounding, as measured by `make bench-gpu` (docs/benchmarks.md): on an H100 the eager UNet is bound
@@ -118,6 +119,16 @@ class Settings:
         "Host memory a load leaves free for the other models and the server: a load whose weights would "
         "not fit beside it is refused as out of memory (SageMaker: 507, it evicts and retries).",
         "GiB",
+    )
+
+    request_log: bool = _setting(
+        True, "One JSON line per request on stderr: model, outcome, sizes, times (README: Operating it)."
+    )
+    log_prompts: bool = _setting(
+        False, "Put the prompt and negative prompt in the request's log line (they may be personal)."
+    )
+    metrics: bool = _setting(
+        True, "Publish the model's metrics (sdmme_*) on Triton's metrics port (README: Operating it)."
     )
 
     def __post_init__(self):
@@ -241,18 +252,28 @@ def apply(pipeline, settings: Settings, device: torch.device) -> Dict[str, Any]:
     return applied
 
 
-def load(spec: ModelSpec, weights: Path, device: torch.device, settings: Settings):
+def load(
+    spec: ModelSpec,
+    weights: Path,
+    device: torch.device,
+    settings: Settings,
+    phase: Callable[[str], ContextManager] = lambda name: contextlib.nullcontext(),
+):
+    """The pipeline on `device` with `settings`; `phase(name)` times each step (sdmme.telemetry)."""
     if not (weights / "model_index.json").exists():
         raise FileNotFoundError(
             f"no weights in {weights}: run `make weights` (tiny, offline) or `make weights-hub` (real)"
         )
     dtype = settings.torch_dtype(device)
-    pipeline = getattr(diffusers, spec.pipeline).from_pretrained(
-        weights, dtype=dtype, use_safetensors=True, local_files_only=True
-    )
+    with phase("weights"):
+        pipeline = getattr(diffusers, spec.pipeline).from_pretrained(
+            weights, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
     pipeline.set_progress_bar_config(disable=True)
-    pipeline = pipeline.to(device)
-    applied = apply(pipeline, settings, device)
+    with phase("to_device"):
+        pipeline = pipeline.to(device)
+    with phase("settings"):
+        applied = apply(pipeline, settings, device)
     log.info(
         "%s: loaded %s on %s (%s, %s)",
         spec.name,

@@ -37,6 +37,7 @@ from sdmme import (  # noqa: E402
     images,
     pipelines,
     recovery,
+    telemetry,
 )
 from sdmme.spec import (  # noqa: E402
     BASE64,
@@ -53,9 +54,11 @@ from sdmme.spec import (  # noqa: E402
 log = logging.getLogger("sdmme")
 
 
-def caller_error(message: str):
-    """A 400 whose status no text from the caller can change (behind SageMaker too)."""
-    return _error(caller_safe(message), pb_utils.TritonError.INVALID_ARG)
+def _refusal(outcome: str, message: str):
+    """A caller's 400 whose status no text from the caller can change (behind SageMaker too), as
+    (response, outcome, message) for execute()'s answer."""
+    message = caller_safe(message)
+    return _error(message, pb_utils.TritonError.INVALID_ARG), outcome, message
 
 
 def _error(message: str, code=None):
@@ -124,23 +127,29 @@ class DiffusionModel:
         start = time.monotonic()
         self.budget = settings.time_budget_s
         self.compiles = settings.compile != "none"
+        self.telemetry = telemetry.Telemetry(
+            self.name, self.spec, args["model_instance_name"], settings, pb_utils
+        )
+        phase = self.telemetry.phase
         try:
             before = host_memory.resident()
             host_memory.check(
                 self.name, weights, settings.torch_dtype(device), settings.host_memory_reserve_gib
             )
             if settings.compile != "none":  # before anything compiles: the graphs then come from them
-                compile_artifacts.load(folder, device, settings.compile, self.name)
-            pipeline = pipelines.load(self.spec, weights, device, settings)
+                with phase("compile_cache"):
+                    compile_artifacts.load(folder, device, settings.compile, self.name)
+            pipeline = pipelines.load(self.spec, weights, device, settings, phase)
+            served = adapters.for_model(folder, settings, pipeline)
+            if served is not None:
+                served.on_use = self.telemetry.adapter_used
             self.runner = recovery.with_fault_hook(
-                pipelines.Runner(
-                    pipeline, adapters.for_model(folder, settings, pipeline), sync_free=settings.sync_free
-                ),
-                self.name,
+                pipelines.Runner(pipeline, served, sync_free=settings.sync_free), self.name
             )
             if settings.compile != "none":
                 warm = time.monotonic()
-                batching.run(self.runner, [batching.warmup_job(self.spec)])
+                with phase("warmup"):
+                    batching.run(self.runner, [batching.warmup_job(self.spec)])
                 graphs = compile_artifacts.compiled_graphs()
                 log.info(
                     "%s: compiled and warmed up in %.1fs (%d graph(s) from the compile cache, %d compiled)",
@@ -149,30 +158,38 @@ class DiffusionModel:
                     graphs["from cache"],
                     graphs["compiled"],
                 )
-            self.cost = budget.calibrate(self.runner, self.spec) if self.budget else None
+            if self.budget:
+                with phase("calibrate"):
+                    self.cost = budget.calibrate(self.runner, self.spec)
+            else:
+                self.cost = None
         except Exception as e:
             if pipelines.is_out_of_memory(e):
                 # SageMaker answers a load failure saying "out of memory" with 507: it evicts models, retries.
                 raise RuntimeError(f"out of memory loading {self.name}: {e}") from e
             raise
         self.guard = recovery.Guard(self.name, pb_utils).start()
+        self.telemetry.loaded(time.monotonic() - start, device)
         log.info(
-            "%s (%s): ready in %.1fs, %s",
+            "%s (%s): ready in %.1fs (%s), %s",
             self.name,
             self.spec.name,
             time.monotonic() - start,
+            ", ".join(f"{k} {v:.1f}s" for k, v in self.telemetry.phases.items() if k != "total"),
             host_memory.summary(before),
         )
 
     def _parse(self, index: int, request):
+        """(job, None), or (None, (response, outcome, message)) for a request refused here."""
         try:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             job = batching.parse(self.spec, index, inputs, self.runner.min_image_side)
         except InvalidInput as e:
-            return None, caller_error(str(e))
+            return None, _refusal("invalid_input", str(e))
         except Exception as e:  # whatever a caller sends fails that request alone
             log.exception("%s: request %d could not be parsed", self.name, index)
-            return None, caller_error(f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}")
+            message = f"request could not be decoded: {type(e).__name__}: {str(e)[:300]}"
+            return None, _refusal("invalid_input", message)
         for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
             tokens = self.runner.prompt_tokens(text)
             window = self.runner.prompt_window
@@ -185,7 +202,7 @@ class DiffusionModel:
             try:
                 budget.check(self.cost, self.budget, job)
             except InvalidInput as e:
-                return None, caller_error(str(e))
+                return None, _refusal("over_budget", str(e))
             job.deadline = self.started + self.budget
         job.cancelled = request.is_cancelled
         for warning in job.warnings:
@@ -193,13 +210,15 @@ class DiffusionModel:
         return job, None
 
     def _respond(self, job, generated, requested):
+        """(response, outcome, error message)."""
         try:
             files = [images.encode(im, job.args["output_format"], job.args["quality"]) for im in generated]
         except Exception as e:
             log.exception("%s: encoding request %d's images failed", self.name, job.index)
-            return caller_error(
+            return _refusal(
+                "invalid_input",
                 f"the generated image could not be encoded as {job.args['output_format']} "
-                f"({type(e).__name__}: {e}); try another output_format"
+                f"({type(e).__name__}: {e}); try another output_format",
             )
         tensors = []
         if BASE64 in requested:
@@ -211,7 +230,7 @@ class DiffusionModel:
         if WARNINGS in requested:
             warnings = np.array([[w.encode() for w in job.warnings]], dtype=np.object_).reshape(1, -1)
             tensors.append(pb_utils.Tensor(WARNINGS, warnings))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+        return pb_utils.InferenceResponse(output_tensors=tensors), "ok", ""
 
     @staticmethod
     def _requested(request) -> set:
@@ -225,12 +244,17 @@ class DiffusionModel:
     def execute(self, requests):
         """Each request is answered through its own response sender as soon as its group is done."""
         self.started = time.monotonic()  # requests may have queued before: Triton's queue policy bounds it
+        self.telemetry.begin()
         senders = [request.get_response_sender() for request in requests]
+        ids = [request.request_id() for request in requests]
         answered = [False] * len(requests)
 
-        def answer(index: int, response) -> None:
+        def answer(index: int, result, job=None, sources=None, encode_s: float = 0.0) -> None:
+            """Send `result` (response, outcome, error message), then log and count it."""
+            response, outcome, message = result
             senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             answered[index] = True
+            self.telemetry.request(outcome, job, ids[index], message, encode_s, sources)
 
         if self.guard.broken is not None:  # never touch a broken device again
             for i in range(len(requests)):
@@ -240,9 +264,9 @@ class DiffusionModel:
             requested = [self._requested(r) for r in requests]
             jobs = []
             for i, request in enumerate(requests):
-                job, error = self._parse(i, request)
-                if error is not None:
-                    answer(i, error)
+                job, refusal = self._parse(i, request)
+                if refusal is not None:
+                    answer(i, refusal)
                 else:
                     jobs.append(job)
             compiled = compile_artifacts.compiled_graphs()["compiled"] if self.compiles else 0
@@ -252,43 +276,55 @@ class DiffusionModel:
                     images = sum(len(job.seeds) for job in group)
                     what = f"a call of {images} image(s) at {width}x{height}"
                     compiled = compile_artifacts.log_new_graphs(self.name, compiled, what)
+                sources = self.telemetry.group_done()
                 if isinstance(outcome, recovery.Broken):
                     self.guard.declare_broken(str(outcome))
                     for job in group:
-                        answer(job.index, self._broken())
+                        answer(job.index, self._broken(), job, sources)
                 elif isinstance(outcome, Exception):
                     for job in group:
-                        answer(job.index, self._failure(outcome))
+                        answer(job.index, self._failure(outcome, job), job, sources)
                 else:
+                    self.telemetry.call(group, group[0].pipeline_s, batching.steps_run(group[0].args))
                     for job, generated in zip(group, outcome):
-                        answer(job.index, self._respond(job, generated, requested[job.index]))
+                        encoding = time.monotonic()
+                        result = self._respond(job, generated, requested[job.index])
+                        answer(job.index, result, job, sources, time.monotonic() - encoding)
         except Exception as e:  # a fault of ours: every request still gets its answer
             log.exception("%s: execute failed", self.name)
             for i, done in enumerate(answered):
                 if not done:
-                    answer(i, _error(f"internal error: {type(e).__name__}: {e}"))
+                    message = f"internal error: {type(e).__name__}: {e}"
+                    answer(i, (_error(message), "internal", message))
+        self.telemetry.executed(self.device)
         return None
 
     def _broken(self):
-        return _error(
+        message = (
             f"{self.name} is being reloaded after a device fault ({self.guard.broken}); "
-            "retry in a few seconds",
-            pb_utils.TritonError.UNAVAILABLE,
+            "retry in a few seconds"
         )
+        return _error(message, pb_utils.TritonError.UNAVAILABLE), "unavailable", message
 
     @staticmethod
-    def _failure(outcome: Exception):
+    def _failure(outcome: Exception, job):
+        """(response, outcome, error message) for a group that failed with `outcome`."""
         if isinstance(outcome, batching.Gone):
-            return _error(str(outcome), getattr(pb_utils.TritonError, "CANCELLED", None))
+            reason = "too_late" if time.monotonic() > job.deadline else "cancelled"
+            code = getattr(pb_utils.TritonError, "CANCELLED", None)
+            return _error(str(outcome), code), reason, str(outcome)
         if isinstance(outcome, batching.TooLate):
-            return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE)
+            return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE), "busy", str(outcome)
         if isinstance(outcome, InvalidInput):  # an adapter that is unknown or cannot be used here
-            return caller_error(str(outcome))
+            return _refusal("invalid_input", str(outcome))
         if isinstance(outcome, adapters.StoreError):
-            return _error(caller_safe(str(outcome)), pb_utils.TritonError.UNAVAILABLE)
+            message = caller_safe(str(outcome))
+            return _error(message, pb_utils.TritonError.UNAVAILABLE), "unavailable", message
         if pipelines.is_out_of_memory(outcome):
-            return _error("out of memory; retry with fewer images or a smaller size")
-        return _error(f"generation failed: {type(outcome).__name__}: {outcome}")
+            message = "out of memory; retry with fewer images or a smaller size"
+            return _error(message), "out_of_memory", message
+        message = f"generation failed: {type(outcome).__name__}: {outcome}"
+        return _error(message), "internal", message
 
     def finalize(self):
         self.guard.stop()

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -73,21 +73,26 @@ class Adapters:
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self.fuser = Fuser(modules)
         self.device = next(modules["unet"].parameters()).device
+        # Told (name, source) for each adapter a call uses, source one of telemetry.ADAPTER_SOURCES.
+        self.on_use: Callable[[str, str], None] = lambda name, source: None
 
     def activate(self, requested: Optional[Requested]) -> None:
         """Make the model serve exactly these (name, scale) adapters, or none; raises AdapterError
         (a caller's 400) or StoreError (the store failed) naming the adapter."""
-        chosen = [(self._get(name), scale) for name, scale in requested or ()]
-        seconds = self.fuser.apply([(adapter.key, adapter.layers, scale) for adapter, scale in chosen])
+        chosen = [(name, *self._get(name), scale) for name, scale in requested or ()]
+        seconds = self.fuser.apply([(adapter.key, adapter.layers, scale) for _, adapter, _, scale in chosen])
+        for name, _, source, _ in chosen:
+            self.on_use(name, source)
         if seconds:
             what = ", ".join(f"{name}@{scale:g}" for name, scale in requested or ())
             done = f"fused {what}" if what else "back to the model alone"
             log.info("%s: %s in %.3fs", self.label, done, seconds)
 
-    def _get(self, name: str) -> Resident:
+    def _get(self, name: str) -> Tuple[Resident, str]:
+        """The adapter on the device, and where it came from: device (already there), disk or s3."""
         if name in self.resident:
             self.resident.move_to_end(name)
-            return self.resident[name]
+            return self.resident[name], "device"
         start = time.monotonic()
         record = self.store.record(name)
         if record is None:
@@ -99,6 +104,7 @@ class Adapters:
             raise AdapterError(
                 f"unknown adapter {name} for {self.label}: it is not in {self.store.location}; {listing}"
             )
+        source = "disk" if self.store.on_disk(name, record) else "s3"
         path = self.store.path(name, record)
         try:
             layers = read(path, record, self.modules, name, self.store.location)
@@ -128,7 +134,7 @@ class Adapters:
             self.device,
             time.monotonic() - start,
         )
-        return adapter
+        return adapter, source
 
 
 def for_model(folder: Path, settings, pipeline) -> Optional[Adapters]:

@@ -56,6 +56,9 @@ class LocalStore:
     def path(self, name: str, record: dict) -> Path:
         return self.folder / f"{name}{SUFFIX}"
 
+    def on_disk(self, name: str, record: dict) -> bool:
+        return True
+
     def discard(self, name: str, record: dict) -> None:
         """A bad file stays where its owner put it; nothing of it was kept."""
 
@@ -102,6 +105,10 @@ class S3Store:
 
     def _cached(self, name: str, record: dict) -> Path:
         return self.cache / f"{name}-{str(record.get('sha256'))[:16]}{SUFFIX}"
+
+    def on_disk(self, name: str, record: dict) -> bool:
+        """Whether path() will find the file in the cache rather than fetch it."""
+        return self._cached(name, record).is_file()
 
     def path(self, name: str, record: dict) -> Path:
         """The adapter's file in the cache, fetched once and checked against its record first."""
