@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters stats clean
 
 # TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
@@ -142,7 +142,7 @@ MAX_MODELS ?= 4
 mme: venv
 	@test -n "$(BUCKET)" || (echo "usage: make mme BUCKET=my-bucket [PREFIX=...] [MME_PORT=8080]"; exit 2)
 	$(PY) -m deploy.mme --bucket "$(BUCKET)" --prefix "$(PREFIX)" --port $(MME_PORT) --max-models $(MAX_MODELS) \
-	  $(if $(MME_PYTHON),--python-version $(MME_PYTHON))
+	  $(if $(MME_PYTHON),--python-version $(MME_PYTHON)) $(if $(METRICS),--metrics-port $(METRICS_PORT))
 
 # The real SageMaker endpoint (needs AWS credentials and an execution role: make iam-policy).
 ENDPOINT ?= sd-mme
@@ -151,10 +151,10 @@ INSTANCE_COUNT ?= 1
 IMAGE_TAG ?= 25.04
 AUTOSCALE ?=
 deploy: venv
-	@test -n "$(BUCKET)" -a -n "$(ROLE_ARN)" || (echo "usage: make deploy BUCKET=... ROLE_ARN=... [PREFIX=...] [INSTANCE_TYPE=...] [AUTOSCALE='--min-instances 1 --max-instances 4']"; exit 2)
+	@test -n "$(BUCKET)" -a -n "$(ROLE_ARN)" || (echo "usage: make deploy BUCKET=... ROLE_ARN=... [PREFIX=...] [INSTANCE_TYPE=...] [AUTOSCALE='--min-instances 1 --max-instances 4'] [METRICS=1]"; exit 2)
 	$(PY) -m deploy.sagemaker deploy --name $(ENDPOINT) --bucket "$(BUCKET)" --prefix "$(PREFIX)" --role-arn "$(ROLE_ARN)" \
 	  --image-tag $(IMAGE_TAG) --instance-type $(INSTANCE_TYPE) --instance-count $(INSTANCE_COUNT) $(AUTOSCALE) \
-	  $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)")
+	  $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)") $(if $(METRICS),--metrics)
 
 teardown: venv
 	$(PY) -m deploy.sagemaker teardown --name $(ENDPOINT)
@@ -178,6 +178,12 @@ bench-coldstart: venv
 # local MME; and its cost per denoising step, unfused and fused (about 3 GB of disk, 15 minutes on 2 cores).
 bench-adapters: env
 	$(PY) -m bench.adapters
+
+# A table per model from a metrics port: make serve's (default), the local MME's (make mme METRICS=1) or
+# any Triton's (STATS_URL=host:port); EVERY=5 prints again every 5 s (README: Operating it).
+STATS_URL ?= 127.0.0.1:$(METRICS_PORT)
+stats: venv
+	$(PY) -m deploy.stats --url $(STATS_URL) $(if $(EVERY),--every $(EVERY))
 
 docs: venv
 	$(PY) -m sdmme.docs

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import boto3
 
 from deploy import containers, upload
+from deploy.mme.frontend import ALLOW_METRICS, METRICS_PORT
 from deploy.upload import ENV_KEY, PYTHON_KEY
 from sdmme.spec import ADAPTER_STORES_ENV
 
@@ -29,6 +30,11 @@ ENVIRONMENT = {
     "SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE": "1048576",
     "SAGEMAKER_TRITON_PING_MODE": "live",
 }
+
+
+# make deploy METRICS=1: SageMaker's Triton launcher then starts the metrics port, in the port range
+# SageMaker allows a container (23000-23999); only processes inside the container can reach it.
+METRICS_ENVIRONMENT = {ALLOW_METRICS: "true", METRICS_PORT: "23000"}
 
 
 class DeployError(Exception):
@@ -49,6 +55,7 @@ class Settings:
     max_instances: Optional[int] = None
     invocations_per_instance: float = 20.0  # target-tracking target, per instance per minute
     image_uri: Optional[str] = None  # an image of `make image` (slim archives); default SageMaker's own
+    metrics: bool = False  # Triton's metrics port on inside the container (README: Operating it)
 
     @property
     def model_data_url(self) -> str:
@@ -137,6 +144,7 @@ def deploy(settings: Settings, session: Optional[boto3.Session] = None, poll: fl
             "Environment": {
                 **ENVIRONMENT,
                 ADAPTER_STORES_ENV: upload.adapters_root(settings.bucket, settings.prefix),
+                **(METRICS_ENVIRONMENT if settings.metrics else {}),
             },
         },
         Tags=[{"Key": TAG, "Value": settings.name}],
@@ -358,6 +366,7 @@ def main() -> None:
     up.add_argument("--min-instances", type=int)
     up.add_argument("--max-instances", type=int)
     up.add_argument("--invocations-per-instance", type=float, default=20.0)
+    up.add_argument("--metrics", action="store_true", help="Triton's metrics port on in the container")
     down = sub.add_parser("teardown", help="delete what deploy created")
     policy = sub.add_parser("iam-policy", help="print the execution role's least-privilege policy")
     policy.add_argument("--bucket", required=True)
@@ -381,6 +390,7 @@ def main() -> None:
                 args.max_instances,
                 args.invocations_per_instance,
                 args.image_uri,
+                args.metrics,
             )
             print(json.dumps(deploy(settings), indent=1))
         elif args.command == "teardown":

@@ -76,11 +76,16 @@ def test_deploy_update_autoscale_and_teardown(archives, capsys):
     assert container["Image"].endswith("sagemaker-tritonserver:25.04-py3")
     assert container["Environment"]["SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE"] == "16777216"
     assert container["Environment"]["SDMME_ADAPTERS"] == f"s3://{BUCKET}/{PREFIX}/adapters/"  # make upload's
+    assert "SAGEMAKER_TRITON_ALLOW_METRICS" not in container["Environment"]  # as SageMaker: off
 
     time.sleep(1.1)  # a new timestamped name for the new configuration
-    second = sagemaker.deploy(settings(instance_count=2, min_instances=1, max_instances=3), poll=0.1)
+    update = settings(instance_count=2, min_instances=1, max_instances=3, metrics=True)  # METRICS=1
+    second = sagemaker.deploy(update, poll=0.1)
     endpoint = sm.describe_endpoint(EndpointName="sd-test")
     assert endpoint["EndpointConfigName"] == second["endpoint_config"] != first["endpoint_config"]
+    environment = sm.describe_model(ModelName=second["model"])["PrimaryContainer"]["Environment"]
+    assert environment["SAGEMAKER_TRITON_ALLOW_METRICS"] == "true"
+    assert 23000 <= int(environment["SAGEMAKER_TRITON_METRICS_PORT"]) <= 23999
     assert "endpoint sd-test: Updating" in capsys.readouterr().err  # waited through the update
     variant = sm.describe_endpoint_config(EndpointConfigName=second["endpoint_config"])["ProductionVariants"][
         0

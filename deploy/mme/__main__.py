@@ -10,6 +10,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+from deploy.mme import frontend
 from deploy.mme.service import LocalEndpoint
 
 
@@ -38,7 +39,16 @@ def main() -> None:
     parser.add_argument(
         "--python-version", help="the archives' environment Python, e.g. 3.12 (default: this Python's)"
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Triton's metrics on this loopback port (SAGEMAKER_TRITON_ALLOW_METRICS, as make deploy "
+        "METRICS=1 sets it); default: off, as on SageMaker",
+    )
     args = parser.parse_args()
+    metrics = {}
+    if args.metrics_port:
+        metrics = {frontend.ALLOW_METRICS: "true", frontend.METRICS_PORT: str(args.metrics_port)}
     root = args.root or Path(tempfile.mkdtemp(prefix="sdmme-mme-"))
     with LocalEndpoint(
         args.bucket,
@@ -49,10 +59,12 @@ def main() -> None:
         args.max_models,
         s3_endpoint_url=args.endpoint_url,
         python_version=args.python_version,
+        env=metrics,
     ) as endpoint:
         print(
             f"local MME {args.endpoint_name} on {endpoint.url} serving s3://{args.bucket}/{args.prefix}/ "
-            "(Ctrl-C stops)",
+            "(Ctrl-C stops)"
+            + (f"; metrics on http://127.0.0.1:{args.metrics_port}/metrics" if metrics else ""),
             flush=True,
         )
         endpoint.serve_forever()

@@ -8,9 +8,11 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from deploy.tritonserver import TritonServer
+from deploy.tritonserver import TritonServer, free_port
 
 TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
+# The container settings that turn Triton's metrics port on (make deploy METRICS=1, make mme METRICS=1).
+ALLOW_METRICS, METRICS_PORT = "SAGEMAKER_TRITON_ALLOW_METRICS", "SAGEMAKER_TRITON_METRICS_PORT"
 
 # What SageMaker's Triton container passes for a multi-model endpoint.
 SAGEMAKER_FLAGS = [
@@ -36,14 +38,21 @@ def server(
     the backend stub of `python_version` (theirs; default this Python's), and `env` as the platform gives
     a container its settings."""
     empty_repository.mkdir(parents=True, exist_ok=True)
+    env = {"SAGEMAKER_TRITON_PING_MODE": "live", "SAGEMAKER_MULTI_MODEL": "true", **(env or {})}
+    flags, ports = list(SAGEMAKER_FLAGS), None
+    if env.get(ALLOW_METRICS, "").lower() == "true":  # as SageMaker's launcher reads it: the port on
+        flags.remove("--allow-metrics=false")  # (loopback here), at SAGEMAKER_TRITON_METRICS_PORT if set
+        if env.get(METRICS_PORT):
+            ports = (free_port(), free_port(), int(env[METRICS_PORT]))
     return TritonServer(
         empty_repository,
-        extra=SAGEMAKER_FLAGS + [f"--sagemaker-port={port}"],
+        extra=flags + [f"--sagemaker-port={port}"],
+        ports=ports,
         log_file=log_file,
         isolated=True,
         ready_port=port,
         ready_path="/ping",
-        env={"SAGEMAKER_TRITON_PING_MODE": "live", "SAGEMAKER_MULTI_MODEL": "true", **(env or {})},
+        env=env,
         python_version=python_version,
     )
 
