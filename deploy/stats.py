@@ -39,6 +39,11 @@ def parse(text: str) -> Samples:
     return samples
 
 
+def metric_names(expr: str) -> List[str]:
+    """The sdmme_* and nv_* metrics a PromQL expression reads."""
+    return re.findall(r"\b((?:sdmme|nv)_[a-z0-9_]+)\b", expr)
+
+
 def scrape(url: str, timeout: float = 10.0) -> Samples:
     if "://" not in url:
         url = f"http://{url}"

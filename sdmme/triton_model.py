@@ -250,11 +250,12 @@ class DiffusionModel:
         answered = [False] * len(requests)
 
         def answer(index: int, result, job=None, sources=None, encode_s: float = 0.0) -> None:
-            """Send `result` (response, outcome, error message), then log and count it."""
+            """Log and count `result` (response, outcome, error message), then send it: a caller who
+            has an answer finds it counted."""
             response, outcome, message = result
+            self.telemetry.request(outcome, job, ids[index], message, encode_s, sources)
             senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             answered[index] = True
-            self.telemetry.request(outcome, job, ids[index], message, encode_s, sources)
 
         if self.guard.broken is not None:  # never touch a broken device again
             for i in range(len(requests)):
