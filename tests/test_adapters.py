@@ -19,6 +19,7 @@ from PIL import Image
 from test_gpu_settings import with_parameters
 
 from bench import serving
+from deploy import stats
 from deploy.tritonserver import TritonServer, free_port
 from sdmme import repository, tiny
 from sdmme.adapters import __main__ as make_adapter
@@ -175,6 +176,27 @@ def test_an_adapter_added_while_the_model_serves_is_served(served, loras):
     assert "its adapters are the .safetensors files there" in message
     make_adapter.add(served.repository, "base", "late", str(loras / "sun" / "lora.safetensors"))
     assert np.array_equal(image(served, lora="late"), image(served, lora="sun"))
+
+
+def test_adapter_uses_are_counted_by_source_and_logged_per_request(served, loras):
+    """A new adapter's first call loads it from the store's disk, the next finds it on the device: the
+    metric counts both by source, and each request's log line says where its adapter came from."""
+    make_adapter.add(served.repository, "base", "counted", str(loras / "ink" / "lora.safetensors"))
+    port = f"127.0.0.1:{served.metrics_port}"
+    before = stats.by_label(stats.scrape(port), "sdmme_adapter_uses_total", "source", model="base")
+    for request_id in ("counted-1", "counted-2"):
+        body = sample_payload(
+            prompt="a lighthouse", gen_args=json.dumps({**STYLE, "lora": "counted", "lora_scale": 0.5})
+        )
+        assert post(served, "/v2/models/base/infer", {"id": request_id, **body})[0] == 200
+    after = stats.by_label(stats.scrape(port), "sdmme_adapter_uses_total", "source", model="base")
+    changed = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert changed == {"disk": 1, "device": 1}
+    lines = [json.loads(line) for line in served.log.read_text().splitlines() if '"id": "counted-' in line]
+    assert [(line["id"], line["adapters"], line["adapters_from"]) for line in lines] == [
+        ("counted-1", ["counted@0.5"], "disk"),
+        ("counted-2", ["counted@0.5"], "device"),
+    ]
 
 
 def bad_adapter(served, name, tensors=None, record=None):
