@@ -7,6 +7,8 @@
 3. Transport: bytes on the wire for one upscaler result as JSON (base64) and as binary tensors.
 4. Load: mixed requests (all four models, varied arguments) from many concurrent clients; failures
    (expected: none) and latency percentiles.
+5. Telemetry: the same request to two copies of sd_base on one server, with the request log and metrics
+   on (the default) and off, alternating; medians, their difference and ratio.
 
 Tiny weights on this machine measure the serving path; the GPU's numbers come from `make bench-gpu`.
 """
@@ -19,9 +21,11 @@ import io
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -158,6 +162,44 @@ def overhead(
     ]
 
 
+def telemetry_overhead(
+    repository: Path, steps: int, size: int, rounds: int, work: Optional[Path] = None
+) -> list:
+    """sd_base as `observed` (request log and metrics on, the default) and `unobserved` (both off) in one
+    tritonserver, the same weights; one request to each per round, the order alternating. The server's
+    repository and log go in `work` (default: a temporary folder)."""
+    settings = {"observed": {}, "unobserved": {"request_log": "false", "metrics": "false"}}
+    with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as folder:
+        repo = work or Path(folder)
+        for name, parameters in settings.items():
+            (repo / name / "1").mkdir(parents=True)
+            config = (repository / "sd_base" / "config.pbtxt").read_text()
+            config = config.replace('name: "sd_base"', f'name: "{name}"') + "".join(
+                f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
+                for k, v in parameters.items()
+            )
+            (repo / name / "config.pbtxt").write_text(config)
+            shutil.copy2(repository / "sd_base" / "1" / "model.py", repo / name / "1" / "model.py")
+            (repo / name / "1" / "weights").symlink_to(weights.weights_dir(repository, "sd_base"))
+        data = json.dumps(body(0, steps, size)).encode()
+        times = {name: [] for name in settings}
+        with TritonServer(repo, log_file=repo / "tritonserver.log") as server:
+            for name in settings:
+                post(server.url, name, data)  # warm-up
+            for i in range(rounds):
+                for name in list(settings)[:: 1 if i % 2 == 0 else -1]:
+                    start = time.perf_counter()
+                    post(server.url, name, data)
+                    times[name].append(time.perf_counter() - start)
+    on, off = statistics.median(times["observed"]), statistics.median(times["unobserved"])
+    return [
+        f"Telemetry, sd_base {size}x{size}, {steps} steps, median of {rounds} alternating rounds:",
+        f"  request log and metrics off: {off:.4f}s",
+        f"  request log and metrics on:  {on:.4f}s",
+        f"  difference: {1000 * (on - off):+.2f} ms per request ({100 * (on / off - 1):+.2f}%)",
+    ]
+
+
 def batching_gain(server: TritonServer, count: int, steps: int, size: int) -> list:
     bodies = [json.dumps(body(i, steps, size)).encode() for i in range(count)]
     start, before = time.monotonic(), model_stats(server.url)
@@ -280,6 +322,9 @@ def main() -> None:
     parser.add_argument("--upscale-side", type=int, default=256)
     parser.add_argument("--mixed-requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--telemetry-steps", type=int, default=20)
+    parser.add_argument("--telemetry-size", type=int, default=256, help="about 0.5 s a request here")
+    parser.add_argument("--telemetry-rounds", type=int, default=30)
     args = parser.parse_args()
     repository = args.model_repository.resolve()
     with TritonServer(repository) as server:
@@ -287,6 +332,7 @@ def main() -> None:
         report += batching_gain(server, args.requests, args.steps, args.size)
         report += transport(server, args.upscale_side)
         report += load_report(server, args.mixed_requests, args.clients)
+    report += telemetry_overhead(repository, args.telemetry_steps, args.telemetry_size, args.telemetry_rounds)
     print("\n".join(report))
 
 

@@ -1,5 +1,6 @@
 """The benchmarks the repo runs: bench-gpu refuses without a GPU and its code runs on CPU (tiny weights)."""
 
+import json
 import os
 import re
 import subprocess
@@ -212,6 +213,15 @@ def test_make_bench_sections_against_a_real_server(server, tiny_repository):
     json_bytes = int(lines[1].split("response ")[1].split()[0])
     binary_bytes = int(lines[2].split("response ")[1].split()[0])
     assert binary_bytes < json_bytes
+
+
+def test_make_bench_telemetry_compares_a_model_with_its_telemetry_on_and_off(tiny_repository, tmp_path):
+    lines = serving.telemetry_overhead(tiny_repository, steps=2, size=64, rounds=2, work=tmp_path)
+    assert lines[-1].startswith("  difference: ") and lines[-1].endswith("%)")
+    requests = [
+        line for line in (tmp_path / "tritonserver.log").read_text().splitlines() if line.startswith("{")
+    ]
+    assert [json.loads(line)["model"] for line in requests] == ["observed"] * 3  # warm-up and 2 rounds
 
 
 def test_bench_adapters_runs_its_measurements_through_the_local_mme(packed_env, tmp_path):

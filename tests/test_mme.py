@@ -29,7 +29,8 @@ from test_recovery import RECOVERY_TARGET_S, Traffic
 from client import EndpointClient
 from client.base import binary_request, request_body
 from client.cli import main as cli
-from deploy import package, tarball, upload
+from deploy import package, stats, tarball, upload
+from deploy.mme import frontend
 from deploy.mme.service import LocalEndpoint
 from sdmme import recovery, repository, tiny
 from sdmme.adapters import __main__ as make_adapter
@@ -126,7 +127,7 @@ def mme(packed_env, tiny_repository, moto_url, tmp_path_factory):
         upload.upload(s3, archives, BUCKET, PREFIX)
         root = make(work / "mme")
         faults = make(work / "faults")  # sdmme.recovery's test hook, given to the container
-        env = {recovery.FAULTS_ENV: str(faults)}
+        env = {recovery.FAULTS_ENV: str(faults), frontend.ALLOW_METRICS: "true"}  # as make mme METRICS=1
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2, env=env) as endpoint:
             endpoint.serve_in_background()
             # One GET per archive: moto reads a whole object again for every ranged GET (150 of them for
@@ -496,11 +497,23 @@ def test_adapters_uploaded_while_the_endpoint_runs_are_served_from_s3(mme, tmp_p
         == "uploaded"
     )
     log = mme.root / "tritonserver.log"
+    metrics = f"127.0.0.1:{mme.triton.metrics_port}"
+    before = stats.by_label(
+        stats.scrape(metrics), "sdmme_adapter_uses_total", "source", model="sd_base.tar.gz"
+    )
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: pixels("sd_base.tar.gz", lora="sun"), range(4)))
     assert all(np.array_equal(result, results[0]) for result in results)
     assert not np.array_equal(results[0], alone) and not np.array_equal(results[0], adapted)
     assert log.read_text().count("adapter sun: fetched from s3://mme-models/sd/v1/adapters/sd_base/") == 1
+    # Behind the MME too, the metrics name the model by its TargetModel: one fetch from S3, and every
+    # other call of the four found sun loaded on the device.
+    samples = stats.scrape(metrics)
+    after = stats.by_label(samples, "sdmme_adapter_uses_total", "source", model="sd_base.tar.gz")
+    assert after.get("s3", 0) - before.get("s3", 0) == 1, (before, after)
+    calls = after.get("device", 0) - before.get("device", 0) + 1
+    assert 1 <= calls <= 4
+    assert stats.total(samples, "sdmme_requests_total", model="sd_base.tar.gz", outcome="ok") >= 7
 
     with urllib.request.urlopen(f"{mme.url}/models", timeout=30) as response:
         listed = {m["target_model"]: m for m in json.loads(response.read())["models"]}
