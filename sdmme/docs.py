@@ -1,5 +1,6 @@
-"""The README's tables of gen_args (from sdmme.spec) and of pipeline settings (from
-sdmme.pipelines.Settings); `make docs` rewrites them in place."""
+"""The README's tables of gen_args (from sdmme.spec), of pipeline settings (from
+sdmme.pipelines.Settings) and of the models' metrics and request outcomes (from sdmme.telemetry);
+`make docs` rewrites them in place."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import math
 import re
 from pathlib import Path
 
+from sdmme import telemetry
 from sdmme.spec import MODELS
 
 BEGIN, END = "<!-- gen_args:begin -->", "<!-- gen_args:end -->"
 SETTINGS_BEGIN, SETTINGS_END = "<!-- settings:begin -->", "<!-- settings:end -->"
+METRICS_BEGIN, METRICS_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
 
 
 def gen_args_table() -> str:
@@ -69,6 +72,17 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
+def metrics_table() -> str:
+    lines = ["| metric | type | labels | what it counts |", "|---|---|---|---|"]
+    for family in telemetry.FAMILIES.values():
+        buckets = f" (buckets {', '.join(f'{b:g}' for b in family.buckets)})" if family.buckets else ""
+        labels = ", ".join(f"`{label}`" for label in family.labels)
+        lines.append(f"| `{family.name}` | {family.kind.lower()} | {labels} | {family.help}{buckets} |")
+    lines += ["", "| outcome | meaning |", "|---|---|"]
+    lines += [f"| `{name}` | {meaning} |" for name, meaning in telemetry.OUTCOMES.items()]
+    return "\n".join(lines)
+
+
 def _replace(text: str, begin: str, end: str, table: str) -> str:
     block = f"{begin}\n{table}\n{end}"
     return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -76,7 +90,8 @@ def _replace(text: str, begin: str, end: str, table: str) -> str:
 
 def update(readme: Path) -> None:
     text = _replace(readme.read_text(), BEGIN, END, gen_args_table())
-    readme.write_text(_replace(text, SETTINGS_BEGIN, SETTINGS_END, settings_table()))
+    text = _replace(text, SETTINGS_BEGIN, SETTINGS_END, settings_table())
+    readme.write_text(_replace(text, METRICS_BEGIN, METRICS_END, metrics_table()))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,4 @@ def test_readme_gen_args_table_is_generated_from_spec():
     readme = (ROOT / "README.md").read_text()
     assert docs.gen_args_table() in readme, "README is stale: run `make docs` and commit README.md"
     assert docs.settings_table() in readme, "README is stale: run `make docs` and commit README.md"
+    assert docs.metrics_table() in readme, "README is stale: run `make docs` and commit README.md"
