@@ -38,8 +38,9 @@ from PIL import Image
 
 import sdmme
 from client.base import binary_request, encode_image, request_body
+from deploy import stats
 from deploy.tritonserver import TritonServer
-from sdmme import batching, images, pipelines, weights
+from sdmme import batching, images, pipelines, telemetry, weights
 from sdmme.spec import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,19 +185,35 @@ def telemetry_overhead(
         data = json.dumps(body(0, steps, size)).encode()
         times = {name: [] for name in settings}
         with TritonServer(repo, log_file=repo / "tritonserver.log") as server:
+            metrics = f"127.0.0.1:{server.metrics_port}"
             for name in settings:
                 post(server.url, name, data)  # warm-up
+            before = stats.scrape(metrics)
             for i in range(rounds):
                 for name in list(settings)[:: 1 if i % 2 == 0 else -1]:
                     start = time.perf_counter()
                     post(server.url, name, data)
                     times[name].append(time.perf_counter() - start)
+            time.sleep(telemetry.PUBLISH_EVERY_S)
+            post(server.url, "observed", data)  # its execute() publishes the time the rounds spent
+            after = stats.scrape(metrics)
+
+    def spent(samples, name):
+        return stats.total(samples, name, model="observed")
+
+    own = spent(after, "sdmme_telemetry_seconds_total") - spent(before, "sdmme_telemetry_seconds_total")
+    in_model = spent(after, "sdmme_request_seconds_sum") - spent(before, "sdmme_request_seconds_sum")
+    requests = spent(after, "sdmme_request_seconds_count") - spent(before, "sdmme_request_seconds_count")
     on, off = statistics.median(times["observed"]), statistics.median(times["unobserved"])
     return [
         f"Telemetry, sd_base {size}x{size}, {steps} steps, median of {rounds} alternating rounds:",
         f"  request log and metrics off: {off:.4f}s",
         f"  request log and metrics on:  {on:.4f}s",
-        f"  difference: {1000 * (on - off):+.2f} ms per request ({100 * (on / off - 1):+.2f}%)",
+        f"  difference: {1000 * (on - off):+.2f} ms per request ({100 * (on / off - 1):+.2f}%): two model "
+        "processes, so this includes their difference",
+        f"  telemetry's own time, measured inside the model: {1000 * own / requests:.3f} ms per request, "
+        f"{100 * own / in_model:.3f}% of the request's time in the model, {100 * own / requests / on:.3f}% "
+        "of the time its caller waited",
     ]
 
 

@@ -42,6 +42,9 @@ OUTCOMES = {
 ADAPTER_SOURCES = ("device", "disk", "s3")
 LOAD_PHASES = ("weights", "to_device", "settings", "compile_cache", "warmup", "calibrate", "total")
 
+# Each metric write is a round trip to tritonserver (40-160 us each, measured here): what is not per
+# request (memory, telemetry's own time) is published at most this often.
+PUBLISH_EVERY_S = 5.0
 SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 GROUP_SIZES = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -102,6 +105,12 @@ FAMILIES = {
             "COUNTER",
             "Adapters a pipeline call used, by source: device (already loaded: a hit), disk, s3 (fetched)",
             ("model", "source"),
+        ),
+        Family(
+            "sdmme_telemetry_seconds_total",
+            "COUNTER",
+            "Seconds the model spent writing its request lines and metrics (what they cost)",
+            ("model",),
         ),
         Family(
             "sdmme_load_seconds",
@@ -201,14 +210,18 @@ def _request_logger() -> logging.Logger:
 
 
 def _quiet(method):
-    """Telemetry never fails the work it describes: a fault of its own is a log line."""
+    """Telemetry never fails the work it describes: a fault of its own is a log line. It also times
+    itself (Telemetry.spent), so that what it costs is measured where it is spent."""
 
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except Exception:
             log.exception("telemetry: %s failed", method.__name__)
+        finally:
+            self.spent += time.perf_counter() - start
 
     return wrapper
 
@@ -224,6 +237,8 @@ class Telemetry:
         self.log_prompts = settings.log_prompts
         self.metrics = Metrics(pb_utils) if settings.metrics and pb_utils is not None else None
         self.phases: Dict[str, float] = {}
+        self.spent = 0.0  # seconds inside telemetry since it was last published
+        self.published = time.monotonic()  # when the memory gauges and `spent` were last published
         self.started = time.monotonic()  # of the execute() running now
         self._sources: Dict[str, str] = {}  # adapters of the call just run -> where they came from
 
@@ -243,10 +258,9 @@ class Telemetry:
         if self.metrics is not None:
             for phase, value in self.phases.items():
                 self.metrics.set("sdmme_load_seconds", (self.name, self.instance, phase), value)
-        self.memory(device)
+        self._memory(device)
 
-    @_quiet
-    def memory(self, device) -> None:
+    def _memory(self, device) -> None:
         """The instance's memory gauges, as they are now (after a load, after each execute())."""
         if self.metrics is None:
             return
@@ -341,8 +355,14 @@ class Telemetry:
 
     @_quiet
     def executed(self, device) -> None:
-        """An execute() returned: the memory gauges follow what it left."""
-        self.memory(device)
+        """An execute() returned: at most every PUBLISH_EVERY_S, the memory gauges follow what it left
+        and telemetry's own time is published (this call's own time in the next publication)."""
+        if self.metrics is None or time.monotonic() < self.published + PUBLISH_EVERY_S:
+            return
+        self.published = time.monotonic()
+        self._memory(device)
+        spent, self.spent = self.spent, 0.0
+        self.metrics.add("sdmme_telemetry_seconds_total", (self.name,), spent)
 
 
 def _slowest(sources: List[Optional[str]]) -> Optional[str]:

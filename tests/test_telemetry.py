@@ -230,8 +230,9 @@ def test_the_dashboard_names_only_metrics_the_server_publishes(observed):
         names |= set(stats.metric_names(expr))
     with urllib.request.urlopen(f"http://127.0.0.1:{observed.metrics_port}/metrics") as response:
         published = set(stats.parse(response.read().decode()))
-    # Published only where there is CUDA, and once a call used an adapter (test_adapters reads it).
-    later = {"sdmme_gpu_memory_bytes", "sdmme_adapter_uses_total"}
+    # Published only where there is CUDA, once a call used an adapter (test_adapters reads it), and
+    # after an execute() at least PUBLISH_EVERY_S after the load (make bench's test reads it).
+    later = {"sdmme_gpu_memory_bytes", "sdmme_adapter_uses_total", "sdmme_telemetry_seconds_total"}
     assert names - later <= published, names - published
     families = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in names}
     assert set(telemetry.FAMILIES) <= families, set(telemetry.FAMILIES) - families  # each one shown
