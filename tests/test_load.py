@@ -109,6 +109,9 @@ def test_a_caller_who_gives_up_stops_the_work(server):
     waited = time.monotonic() - start
     log = server.log_file.read_text()
     assert "sd_base: stopped a call of 1 request(s): every caller gave up" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"time"')]
+    [gave_up] = [line for line in lines if line["error"] == "the caller gave up; the call was stopped"]
+    assert gave_up["outcome"] == "cancelled" and gave_up["model"] == "sd_base"  # its request log line
     assert waited < 10, waited  # the 150-step call (tens of seconds here) did not run to its end
 
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import ROOT, b64, copy_repository, picture, post, sample_payload
 from test_gpu_settings import with_parameters
 
-from deploy import stats
+from deploy import sagemaker, stats
+from deploy.mme import frontend
 from deploy.tritonserver import TritonServer
 from sdmme import telemetry, weights
 
@@ -236,3 +237,23 @@ def test_the_dashboard_names_only_metrics_the_server_publishes(observed):
     assert names - later <= published, names - published
     families = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in names}
     assert set(telemetry.FAMILIES) <= families, set(telemetry.FAMILIES) - families  # each one shown
+
+
+def test_metrics_port_on_sagemaker_and_the_local_mme_is_one_setting(tmp_path):
+    """make deploy METRICS=1 gives the container the launcher's settings; the local MME reads the same two
+    as SageMaker's launcher does (the port on, at the port named); make mme METRICS=1 sets them."""
+    dry = ["make", "--no-print-directory", "-n"]
+    deploy = subprocess.run(
+        dry + ["deploy", "BUCKET=b", "ROLE_ARN=r", "METRICS=1"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "-m deploy.sagemaker deploy" in deploy.stdout and " --metrics" in deploy.stdout, deploy.stdout
+    assert sagemaker.METRICS_ENVIRONMENT[frontend.ALLOW_METRICS] == "true"
+    mme = subprocess.run(dry + ["mme", "BUCKET=b", "METRICS=1"], cwd=ROOT, capture_output=True, text=True)
+    assert "-m deploy.mme" in mme.stdout and "--metrics-port 8002" in mme.stdout, mme.stdout
+    for env, on in (({}, False), ({frontend.ALLOW_METRICS: "true", frontend.METRICS_PORT: "23456"}, True)):
+        server = frontend.server(tmp_path / "empty", 18080, tmp_path / "log", env=env)
+        try:
+            assert ("--allow-metrics=false" not in server.cmd) == on
+            assert ("--metrics-port=23456" in server.cmd) == on
+        finally:
+            server.stop()
