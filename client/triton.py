@@ -28,6 +28,10 @@ class TritonClient(Client):
         )
         self.binary = binary
 
+    def close(self) -> None:
+        """Its connections, now rather than when collected (from a thread, gevent's finaliser complains)."""
+        self.triton.close()
+
     def infer_binary(self, model: str, body: Dict[str, Any]) -> Result:
         try:
             result = self.triton.infer(model, binary_inputs(body), outputs=binary_outputs())

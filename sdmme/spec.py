@@ -83,6 +83,21 @@ class Param:
             )
         return value
 
+    def json_schema(self) -> Dict[str, Any]:
+        """The values `validate` accepts, as JSON Schema."""
+        kind = {int: "integer", float: "number", str: "string"}[self.type]
+        out: Dict[str, Any] = {"type": [kind, "null"] if self.nullable else kind, "default": self.default}
+        if self.choices is not None:
+            out["enum"] = list(self.choices)
+        if self.min is not None:
+            out["minimum"] = self.min
+        if self.max is not None:
+            out["maximum"] = self.max
+        if self.multiple_of:
+            out["multipleOf"] = self.multiple_of
+        out["description"] = self.help
+        return out
+
     def allowed(self) -> str:
         """Human-readable description of the allowed values (used in errors, README and --help)."""
         if self.choices is not None:
@@ -163,6 +178,29 @@ class AdapterParam(Param):
         if repeated:
             raise InvalidInput(f"gen_args.lora names {', '.join(repeated)} more than once")
         return tuple(pairs) or None
+
+    def json_schema(self) -> Dict[str, Any]:
+        name = {"type": "string", "pattern": "^" + ADAPTER_NAME.pattern[2:-2] + "$"}
+        item = {
+            "oneOf": [
+                name,
+                {
+                    "type": "object",
+                    "properties": {"name": name, "scale": ADAPTER_SCALE.json_schema()},
+                    "required": ["name"],
+                    "additionalProperties": False,
+                },
+            ]
+        }
+        return {
+            "oneOf": [
+                name,
+                {"type": "array", "items": item, "maxItems": MAX_STACKED_ADAPTERS},
+                {"type": "null"},
+            ],
+            "default": None,
+            "description": self.help,
+        }
 
     def allowed(self) -> str:
         return (
@@ -344,3 +382,33 @@ MODELS: Dict[str, ModelSpec] = {
         ),
     )
 }
+
+
+def schema() -> Dict[str, Any]:
+    """Every kind's inputs and gen_args as data, gen_args as JSON Schema: for forms (the playground) and
+    clients in other languages. `python -m sdmme.spec` prints it."""
+    kinds = {}
+    for spec in MODELS.values():
+        kinds[spec.name] = {
+            "pipeline": spec.pipeline,
+            "description": spec.description,
+            "image_inputs": list(spec.image_inputs),
+            "max_image_pixels": spec.max_image_pixels or None,
+            "output_scale": spec.output_scale,
+            "gen_args": {
+                "type": "object",
+                "properties": {p.name: p.json_schema() for p in spec.params},
+                "additionalProperties": False,
+            },
+        }
+    return {
+        "max_prompt_chars": MAX_PROMPT_CHARS,
+        "max_stacked_adapters": MAX_STACKED_ADAPTERS,
+        "kinds": kinds,
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(schema(), indent=1))

@@ -25,6 +25,14 @@ from sdmme.spec import MODELS
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Marks a test whose body failed (item.failed_call), for fixtures that keep evidence of it."""
+    outcome = yield
+    if call.when == "call" and outcome.get_result().failed:
+        item.failed_call = True
+
+
 def copy_repository(dest: Path) -> Path:
     """model_repository/ without its weights (a user's real weights never reach the tests)."""
     shutil.copytree(ROOT / "model_repository", dest, ignore=shutil.ignore_patterns("weights", "__pycache__"))
