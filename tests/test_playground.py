@@ -9,7 +9,11 @@ import base64
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,16 +25,11 @@ from conftest import ROOT, picture
 from PIL import Image
 
 from client import playground
+from deploy.tritonserver import free_port
+from sdmme import spec
+from sdmme.spec import MODELS
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright is in the dev extra: make venv installs it"
-)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        "Debian's chromium is not installed: make test installs it (apt-get install chromium, as root)",
-        allow_module_level=True,
-    )
 SCREENSHOTS = ROOT / "out" / "test-screenshots"
 
 
@@ -105,6 +104,9 @@ def site(recorder, tiny_repository):
 
 @pytest.fixture(scope="module")
 def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra: make venv")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed: make test installs it (make browser, as root)")
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
@@ -215,8 +217,6 @@ def test_an_image_model_without_an_image_says_so_and_sends_nothing(page, recorde
 
 
 def test_a_server_that_is_down_is_said_in_words(browser):
-    from deploy.tritonserver import free_port
-
     down = playground.Playground(playground.TritonTarget(f"127.0.0.1:{free_port()}")).serve_in_background()
     tab = browser.new_page()
     try:
@@ -231,10 +231,9 @@ def test_a_server_that_is_down_is_said_in_words(browser):
 def test_the_schema_the_form_is_built_from_is_the_servers_validation():
     """sdmme.spec.schema() (GET /api/schema) accepts what the server accepts and refuses what it refuses."""
     jsonschema = pytest.importorskip("jsonschema", reason="moto brings jsonschema into the dev venv")
-    from sdmme import spec
 
     schema = spec.schema()
-    for name, kind in spec.MODELS.items():
+    for name, kind in MODELS.items():
         gen_args = schema["kinds"][name]["gen_args"]
         defaults = {k: v["default"] for k, v in gen_args["properties"].items() if v["default"] is not None}
         jsonschema.validate(defaults, gen_args)
@@ -245,3 +244,31 @@ def test_the_schema_the_form_is_built_from_is_the_servers_validation():
             with pytest.raises(spec.InvalidInput):
                 kind.validate_args(bad)
     assert schema["kinds"]["sd_inpaint"]["image_inputs"] == ["image", "mask_image"]
+
+
+def test_the_command_starts_a_server_when_none_answers_and_stops_it(tiny_repository):
+    """`make playground` after `make demo`: nothing serves at the URL, so the playground starts
+    tritonserver on the repository there, serves the page, and stops both on Ctrl-C."""
+    triton, port = free_port(), free_port()
+    command = [sys.executable, "-m", "client.playground", "--url", f"127.0.0.1:{triton}"]
+    command += ["--model-repository", str(tiny_repository), "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any(line.startswith("playground for ") for line in lines):
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert any("nothing answers at" in line for line in lines)
+        assert f"on http://127.0.0.1:{port}/" in lines[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=30) as r:
+            models = json.loads(r.read())["models"]
+        assert [(m["name"], m["kind"]) for m in models] == [(kind, kind) for kind in sorted(MODELS)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            assert b"sdmme playground" in r.read()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=90)
+    time.sleep(0.5)
+    with pytest.raises(OSError):  # the server it started is gone with it
+        urllib.request.urlopen(f"http://127.0.0.1:{triton}/v2/health/live", timeout=5)
