@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
 
-.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters stats clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters stats playground browser clean
 
 # TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
@@ -69,7 +69,20 @@ serve-docker:
 demo: weights
 	$(PY) -m client.demo
 
-test: venv
+# The playground page on 127.0.0.1:PLAYGROUND_PORT (README: Playground): make serve's models, with a
+# tritonserver started on model_repository/ when none answers at HTTP_PORT. For an endpoint:
+# PLAYGROUND='--endpoint-name sd-mme --endpoint-url http://127.0.0.1:8080' (the local MME) or '--endpoint-name NAME'.
+PLAYGROUND ?= --url 127.0.0.1:$(HTTP_PORT) --model-repository model_repository
+PLAYGROUND_PORT ?= 7860
+playground: weights
+	$(PY) -m client.playground $(PLAYGROUND) --port $(PLAYGROUND_PORT)
+
+# Debian's Chromium, which the playground's browser tests drive (apt, as root; without it they skip, saying so).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "make browser: Debian's chromium could not be installed (not root?): the playground's browser tests will skip"
+
+test: venv browser
 	$(PY) -m pytest
 
 # Only the four real architectures at full size on CPU (random weights; about 2 minutes, 6 GB of memory).

@@ -186,7 +186,7 @@ def test_a_load_that_would_not_fit_in_host_memory_is_refused_as_out_of_memory(se
     assert "1e+06 GiB stay free (host_memory_reserve_gib)" in answer["error"], answer
     assert request(served, "sd_base")[0] == 200  # the others serve on
     ready = re.search(
-        r"sd_base \(sd_base\): ready in [\d.]+s, host memory ([\d.]+) GiB resident \(before the "
+        r"sd_base \(sd_base\): ready in [\d.]+s \([^)]*\), host memory ([\d.]+) GiB resident \(before the "
         r"load ([\d.]+) GiB, peak ([\d.]+) GiB\)",
         served.log.read_text(),
     )
