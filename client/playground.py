@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -282,6 +283,10 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _stop(signum, frame):
+    raise SystemExit(f"playground: stopping on signal {signum}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(
@@ -316,9 +321,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         target = EndpointTarget(args.endpoint_name, args.endpoint_url, args.region)
     page = Playground(target, args.port)
     print(f"playground for {target.description} on {page.url} (Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # as Ctrl-C: a server it started goes with it
     try:
         page.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         page.server_close()
