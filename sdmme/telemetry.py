@@ -351,7 +351,9 @@ class Telemetry:
             if self.log_prompts:
                 line.update(prompt=job.prompt, negative_prompt=job.negative_prompt)
         line["request_s"] = _round(request_s)
-        self.request_log.info(json.dumps(line, ensure_ascii=False))
+        # ASCII: the backend stub's stderr is ASCII (the C locale), where other characters would be
+        # written as Python's \x escapes and break the JSON; \u escapes are JSON (lone surrogates too).
+        self.request_log.info(json.dumps(line))
 
     @_quiet
     def executed(self, device) -> None:

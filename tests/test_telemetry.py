@@ -20,6 +20,7 @@ from deploy.tritonserver import TritonServer
 from sdmme import telemetry, weights
 
 SECRET = "a violet lighthouse, code 7781"  # a prompt that must never reach a log unless asked
+BLOCKER_PROMPT = "the blocker's own words: phare à l'aube, 灯台"  # logged: non-ASCII must stay JSON
 FIELDS = {"time", "event", "model", "kind", "id", "outcome", "error", "request_s"}
 MODEL_OF = {"base": "sd_base", "up": "sd_upscale", "busy": "busy"}  # request ids' prefixes
 RAN = {"adapters", "adapters_from", "steps", "width", "height", "images", "group", "queue_s", "pipeline_s"}
@@ -81,9 +82,7 @@ def run_mix(server) -> dict:
 
     # busy: a long call, then two requests while it runs: one waits in the queue of one, the other is
     # refused by Triton at once; then one that could not finish in the 10 s budget even alone.
-    blocker = txt2img(
-        "busy-blocker", prompt="the blocker's own words", num_inference_steps=40, height=512, width=512
-    )
+    blocker = txt2img("busy-blocker", prompt=BLOCKER_PROMPT, num_inference_steps=40, height=512, width=512)
     thread_result = {}
     thread = threading.Thread(target=lambda: thread_result.update(status=call(server, "busy", blocker)))
     thread.start()
@@ -193,7 +192,7 @@ def test_every_request_wrote_one_line_with_its_fields_and_no_prompt(observed):
     # Its time counts from its own execute(), after the blocker's: Triton's queue is not in it.
     assert queued["request_s"] < by_id["busy-blocker"]["request_s"]
     # Prompts: only busy (log_prompts) writes them; the others' never reach the log at all.
-    assert by_id["busy-blocker"]["prompt"] == "the blocker's own words"
+    assert by_id["busy-blocker"]["prompt"] == BLOCKER_PROMPT
     assert all("prompt" not in line for line in lines if line["model"] != "busy")
     assert SECRET not in observed.log.read_text(errors="replace")
 
