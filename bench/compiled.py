@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from sdmme.repository import parameters_text
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,9 +33,7 @@ def _model_folder(work: Path, weights_folder: Path, mode: str) -> Path:
     (folder / "1").mkdir(parents=True, exist_ok=True)
     config = (ROOT / "model_repository" / "sd_base" / "config.pbtxt").read_text()
     parameters = {"compile": mode, "adapters": "none"}
-    config += "".join(
-        f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in parameters.items()
-    )
+    config += parameters_text(parameters)
     (folder / "config.pbtxt").write_text(config)
     weights = folder / "1" / "weights"
     if not weights.exists():

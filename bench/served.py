@@ -31,6 +31,7 @@ from bench import serving
 from client.base import images_from_response, request_body
 from deploy.tritonserver import TritonServer
 from sdmme import pipelines, weights
+from sdmme.repository import parameters_text
 from sdmme.spec import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def repository(dest: Path, tiny: bool, settings: Dict[str, str]) -> Path:
     """The four models as model_repository/ has them, with weights built in place (kept between runs) and
     `settings` as config.pbtxt parameters (sdmme.pipelines.Settings: e.g. compile inside tritonserver)."""
-    extra = "".join(
-        f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in settings.items()
-    )
+    extra = parameters_text(settings)
     for model in MODELS:
         folder = dest / model
         (folder / "1").mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@
 4. Load: mixed requests (all four models, varied arguments) from many concurrent clients; failures
    (expected: none) and latency percentiles.
 5. Telemetry: the same request to two copies of sd_base on one server, with the request log and metrics
-   on (the default) and off, alternating; medians, their difference and ratio.
+   on (the default) and off, alternating: medians, their difference and ratio; and telemetry's own
+   time as the model clocks it (sdmme_telemetry_seconds_total), per request and as a share.
 
 Tiny weights on this machine measure the serving path; the GPU's numbers come from `make bench-gpu`.
 """
@@ -41,6 +42,7 @@ from client.base import binary_request, encode_image, request_body
 from deploy import stats
 from deploy.tritonserver import TritonServer
 from sdmme import batching, images, pipelines, telemetry, weights
+from sdmme.repository import parameters_text
 from sdmme.spec import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,10 +177,8 @@ def telemetry_overhead(
         for name, parameters in settings.items():
             (repo / name / "1").mkdir(parents=True)
             config = (repository / "sd_base" / "config.pbtxt").read_text()
-            config = config.replace('name: "sd_base"', f'name: "{name}"') + "".join(
-                f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
-                for k, v in parameters.items()
-            )
+            config = config.replace('name: "sd_base"', f'name: "{name}"')
+            config += parameters_text(parameters)
             (repo / name / "config.pbtxt").write_text(config)
             shutil.copy2(repository / "sd_base" / "1" / "model.py", repo / name / "1" / "model.py")
             (repo / name / "1" / "weights").symlink_to(weights.weights_dir(repository, "sd_base"))

@@ -109,12 +109,16 @@ def rows(samples: Samples) -> List[Dict[str, str]]:
         outcomes = by_label(samples, "sdmme_requests_total", "outcome", model=model)
         errors = {k: v for k, v in outcomes.items() if k != "ok" and v}
         adapters = by_label(samples, "sdmme_adapter_uses_total", "source", model=model)
-        uses = sum(adapters.values())
+        uses, hits = sum(adapters.values()), adapters.get("device", 0)
         triton_queue_us = total(samples, "nv_inference_queue_duration_us", model=model)
         triton_requests = total(samples, "nv_inference_request_success", model=model) + total(
             samples, "nv_inference_request_failure", model=model
         )
         gpu = total(samples, "sdmme_gpu_memory_bytes", model=model, pool="reserved")
+        batch = mean(samples, "sdmme_group_size", model=model)
+        loads = by_label(samples, "sdmme_load_seconds", "instance", model=model, phase="total")
+        waits = [triton_queue_us / 1e6 / triton_requests] if triton_requests else []
+        waits.append(mean(samples, "sdmme_queue_seconds", model=model) or 0.0)
         table.append(
             {
                 "model": model,
@@ -124,25 +128,11 @@ def rows(samples: Samples) -> List[Dict[str, str]]:
                 "images": f"{total(samples, 'sdmme_images_total', model=model):.0f}",
                 "p50 s": seconds(quantile(samples, "sdmme_request_seconds", 0.5, model=model)),
                 "p99 s": seconds(quantile(samples, "sdmme_request_seconds", 0.99, model=model)),
-                "queue s": seconds(
-                    (triton_queue_us / 1e6 / triton_requests if triton_requests else 0.0)
-                    + (mean(samples, "sdmme_queue_seconds", model=model) or 0.0)
-                ),
+                "queue s": seconds(sum(waits)),  # Triton's queue, then behind earlier calls: means
                 "s/step": seconds(mean(samples, "sdmme_step_seconds", model=model)),
-                "batch": "-"
-                if mean(samples, "sdmme_group_size", model=model) is None
-                else f"{mean(samples, 'sdmme_group_size', model=model):.1f}",
-                "adapter hits": f"{100 * adapters.get('device', 0) / uses:.0f}% of {uses:.0f}"
-                if uses
-                else "-",
-                "load s": seconds(
-                    max(
-                        by_label(
-                            samples, "sdmme_load_seconds", "instance", model=model, phase="total"
-                        ).values(),
-                        default=None,
-                    )
-                ),
+                "batch": "-" if batch is None else f"{batch:.1f}",
+                "adapter hits": f"{100 * hits / uses:.0f}% of {uses:.0f}" if uses else "-",
+                "load s": seconds(max(loads.values(), default=None)),
                 "host GiB": f"{total(samples, 'sdmme_host_memory_bytes', model=model) / 2**30:.2f}",
                 "GPU GiB": f"{gpu / 2**30:.2f}" if gpu else "-",
             }

@@ -35,6 +35,14 @@ def parameters_in(config_text: str) -> Dict[str, str]:
     return dict(_PARAMETER.findall(config_text))
 
 
+def parameters_text(parameters: Dict[str, str]) -> str:
+    """config.pbtxt lines setting these `parameters` (what parameters_in reads back)."""
+    return "".join(
+        f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+        for key, value in parameters.items()
+    )
+
+
 def kind_in(config_text: str) -> Optional[str]:
     """The kind a config.pbtxt declares, or None."""
     return parameters_in(config_text).get(KIND_PARAMETER)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from sdmme import batching
+
 log = logging.getLogger("sdmme")
 
 # Why a request ended as it did: "ok", or the class of its error (the reason an operator filters on).
@@ -240,7 +242,7 @@ class Telemetry:
         self.spent = 0.0  # seconds inside telemetry since it was last published
         self.published = time.monotonic()  # when the memory gauges and `spent` were last published
         self.started = time.monotonic()  # of the execute() running now
-        self._sources: Dict[str, str] = {}  # adapters of the call just run -> where they came from
+        self._sources: Dict[str, str] = {}  # adapters of the call being answered -> where they came from
 
     # Load ------------------------------------------------------------------------------------------
     @contextmanager
@@ -271,9 +273,9 @@ class Telemetry:
             self.metrics.set("sdmme_gpu_memory_bytes", (self.name, self.instance, pool), value)
 
     # Requests --------------------------------------------------------------------------------------
-    def begin(self) -> None:
-        """An execute() starts: its requests' times count from here."""
-        self.started = time.monotonic()
+    def begin(self, started: float) -> None:
+        """An execute() started at `started` (time.monotonic()): its requests' times count from there."""
+        self.started = started
         self._sources = {}
 
     @_quiet
@@ -293,10 +295,9 @@ class Telemetry:
         self.metrics.observe("sdmme_step_seconds", labels, seconds / max(1, steps))
         self.metrics.observe("sdmme_group_size", labels, len(group))
 
-    def group_done(self) -> Dict[str, str]:
-        """The sources of the adapters of the call just answered; the next call starts afresh."""
-        sources, self._sources = self._sources, {}
-        return sources
+    def group_done(self) -> None:
+        """A call's requests are answered: the next call's adapters start afresh."""
+        self._sources = {}
 
     @_quiet
     def request(
@@ -306,7 +307,6 @@ class Telemetry:
         request_id: str = "",
         error: str = "",
         encode_s: float = 0.0,
-        sources: Optional[Dict[str, str]] = None,
     ) -> None:
         """One request answered (OUTCOMES); `job` (batching.Job) when it was decoded."""
         now = time.monotonic()
@@ -332,13 +332,11 @@ class Telemetry:
             "error": error[:500] or None,
         }
         if job is not None:
-            from sdmme import batching
-
             width, height = batching.output_size(self.spec, job.args, job.images)
             lora = job.args.get("lora") or ()
             line.update(
                 adapters=[f"{name}@{scale:g}" for name, scale in lora],
-                adapters_from=_slowest([(sources or {}).get(name) for name, _ in lora]),
+                adapters_from=_slowest([self._sources.get(name) for name, _ in lora]),
                 steps=job.args.get("num_inference_steps"),
                 width=width,
                 height=height,

@@ -244,16 +244,16 @@ class DiffusionModel:
     def execute(self, requests):
         """Each request is answered through its own response sender as soon as its group is done."""
         self.started = time.monotonic()  # requests may have queued before: Triton's queue policy bounds it
-        self.telemetry.begin()
+        self.telemetry.begin(self.started)
         senders = [request.get_response_sender() for request in requests]
         ids = [request.request_id() for request in requests]
         answered = [False] * len(requests)
 
-        def answer(index: int, result, job=None, sources=None, encode_s: float = 0.0) -> None:
+        def answer(index: int, result, job=None, encode_s: float = 0.0) -> None:
             """Log and count `result` (response, outcome, error message), then send it: a caller who
             has an answer finds it counted."""
             response, outcome, message = result
-            self.telemetry.request(outcome, job, ids[index], message, encode_s, sources)
+            self.telemetry.request(outcome, job, ids[index], message, encode_s)
             senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             answered[index] = True
 
@@ -277,20 +277,20 @@ class DiffusionModel:
                     images = sum(len(job.seeds) for job in group)
                     what = f"a call of {images} image(s) at {width}x{height}"
                     compiled = compile_artifacts.log_new_graphs(self.name, compiled, what)
-                sources = self.telemetry.group_done()
                 if isinstance(outcome, recovery.Broken):
                     self.guard.declare_broken(str(outcome))
                     for job in group:
-                        answer(job.index, self._broken(), job, sources)
+                        answer(job.index, self._broken(), job)
                 elif isinstance(outcome, Exception):
                     for job in group:
-                        answer(job.index, self._failure(outcome, job), job, sources)
+                        answer(job.index, self._failure(outcome, job), job)
                 else:
                     self.telemetry.call(group, group[0].pipeline_s, batching.steps_run(group[0].args))
                     for job, generated in zip(group, outcome):
                         encoding = time.monotonic()
                         result = self._respond(job, generated, requested[job.index])
-                        answer(job.index, result, job, sources, time.monotonic() - encoding)
+                        answer(job.index, result, job, time.monotonic() - encoding)
+                self.telemetry.group_done()
         except Exception as e:  # a fault of ours: every request still gets its answer
             log.exception("%s: execute failed", self.name)
             for i, done in enumerate(answered):

@@ -20,6 +20,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProc
 
 from deploy.tritonserver import TritonServer
 from sdmme import batching, pipelines, weights
+from sdmme.repository import parameters_text
 from sdmme.spec import MODELS
 
 CPU = torch.device("cpu")
@@ -156,12 +157,8 @@ def test_compile_option_compiles_the_unet_and_keeps_the_image(tiny_weights):
 
 
 def with_parameters(folder, parameters: dict) -> None:
-    lines = [
-        f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-        for key, value in parameters.items()
-    ]
     config = folder / "config.pbtxt"
-    config.write_text(config.read_text() + "\n".join(lines) + "\n")
+    config.write_text(config.read_text() + parameters_text(parameters))
 
 
 def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image
 
 from client import playground
 from deploy.tritonserver import free_port
-from sdmme import spec
+from sdmme import batching, spec
 from sdmme.spec import MODELS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -272,3 +272,30 @@ def test_the_command_starts_a_server_when_none_answers_and_stops_it(tiny_reposit
     time.sleep(0.5)
     with pytest.raises(OSError):  # the server it started is gone with it
         urllib.request.urlopen(f"http://127.0.0.1:{triton}/v2/health/live", timeout=5)
+
+
+def test_a_models_400_names_the_field_the_page_shows_it_beside():
+    """playground.field_of on the messages the server itself makes (sdmme.spec, sdmme.batching)."""
+    for kind, args, field in (
+        ("sd_base", {"num_inference_steps": 0}, "num_inference_steps"),
+        ("sd_base", {"scheduler": "lms"}, "scheduler"),
+        ("sd_base", {"lora": "../x"}, "lora"),
+        ("sd_depth", {"strength": 2}, "strength"),
+        ("sd_base", {"nope": 1}, None),  # no field of the form: the page's banner
+    ):
+        with pytest.raises(spec.InvalidInput) as e:
+            MODELS[kind].validate_args(args)
+        assert playground.field_of(str(e.value)) == field, str(e.value)
+
+    def refusal(kind, **inputs):
+        arrays = {name: np.array([[value]], dtype=np.object_) for name, value in inputs.items()}
+        with pytest.raises(spec.InvalidInput) as e:
+            batching.parse(MODELS[kind], 0, arrays, 8)
+        return playground.field_of(str(e.value))
+
+    image = base64.b64encode(picture(64, 64))
+    assert refusal("sd_base", gen_args=b"{}") == "prompt"  # missing
+    assert refusal("sd_base", prompt=b"x" * (spec.MAX_PROMPT_CHARS + 1)) == "prompt"
+    assert refusal("sd_depth", prompt=b"a", image=b"not an image") == "image"
+    small = base64.b64encode(picture(32, 32))
+    assert refusal("sd_inpaint", prompt=b"a", image=image, mask_image=small) == "mask_image"
