@@ -36,7 +36,7 @@ weights-hub: venv
 	$(PY) -m sdmme.weights hub --force
 
 # Your own model, served as <NAME>.tar.gz next to the defaults: weights from a single-file checkpoint
-# (.safetensors), a diffusers folder or a hub id, optionally with a LoRA fused in (README: Your own models).
+# (.safetensors), a diffusers folder or a hub id, optionally with a LoRA fused in (docs/models.md).
 REPOSITORY ?= model_repository
 LORA_SCALE ?= 1.0
 model: venv
@@ -44,13 +44,13 @@ model: venv
 	$(PY) -m sdmme.repository "$(NAME)" --kind "$(KIND)" --weights "$(WEIGHTS)" --repository "$(REPOSITORY)" \
 	  $(if $(LORA),--lora "$(LORA)" --lora-scale $(LORA_SCALE)) $(if $(CONFIG),--config "$(CONFIG)") $(if $(FORCE),--force)
 
-# An adapter (a LoRA) of a model, served per request on the warm model (README: Adapters).
+# An adapter (a LoRA) of a model, served per request on the warm model (docs/models.md).
 adapter: weights
 	@test -n "$(NAME)" -a -n "$(MODEL)" -a -n "$(FILE)" || (echo "usage: make adapter NAME=ink MODEL=sd_base FILE=lora.safetensors|hub-id [FORCE=1]"; exit 2)
 	$(PY) -m sdmme.adapters "$(NAME)" --model "$(MODEL)" --file "$(FILE)" --repository "$(REPOSITORY)" $(if $(FORCE),--force)
 
 # torch.compile's caches for MODEL (its config.pbtxt sets compile), built on this machine's GPU for
-# endpoints of that GPU type; make package ships them (README: Compile artifacts).
+# endpoints of that GPU type; make package ships them (docs/settings.md).
 compile-cache: weights
 	@test -n "$(MODEL)" || (echo "usage: make compile-cache MODEL=sd_base [SHAPES=512:1,512:8]"; exit 2)
 	$(PY) -m sdmme.compile_artifacts --model "$(MODEL)" --repository "$(REPOSITORY)" $(if $(SHAPES),--shapes "$(SHAPES)")
@@ -69,7 +69,7 @@ serve-docker:
 demo: weights
 	$(PY) -m client.demo
 
-# The playground page on 127.0.0.1:PLAYGROUND_PORT (README: Playground): make serve's models, with a
+# The playground page on 127.0.0.1:PLAYGROUND_PORT (docs/playground.md): make serve's models, with a
 # tritonserver started on model_repository/ when none answers at HTTP_PORT. For an endpoint:
 # PLAYGROUND='--endpoint-name sd-mme --endpoint-url http://127.0.0.1:8080' (the local MME) or '--endpoint-name NAME'.
 PLAYGROUND ?= --url 127.0.0.1:$(HTTP_PORT) --model-repository model_repository
@@ -193,7 +193,7 @@ bench-adapters: env
 	$(PY) -m bench.adapters
 
 # A table per model from a metrics port: make serve's (default), the local MME's (make mme METRICS=1) or
-# any Triton's (STATS_URL=host:port); EVERY=5 prints again every 5 s (README: Operating it).
+# any Triton's (STATS_URL=host:port); EVERY=5 prints again every 5 s (docs/operating.md).
 STATS_URL ?= 127.0.0.1:$(METRICS_PORT)
 stats: venv
 	$(PY) -m deploy.stats --url $(STATS_URL) $(if $(EVERY),--every $(EVERY))

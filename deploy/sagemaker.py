@@ -55,7 +55,7 @@ class Settings:
     max_instances: Optional[int] = None
     invocations_per_instance: float = 20.0  # target-tracking target, per instance per minute
     image_uri: Optional[str] = None  # an image of `make image` (slim archives); default SageMaker's own
-    metrics: bool = False  # Triton's metrics port on inside the container (README: Operating it)
+    metrics: bool = False  # Triton's metrics port on inside the container (docs/operating.md)
 
     @property
     def model_data_url(self) -> str:

@@ -1,20 +1,15 @@
-"""The README's tables of gen_args (from sdmme.spec), of pipeline settings (from
-sdmme.pipelines.Settings) and of the models' metrics and request outcomes (from sdmme.telemetry);
-`make docs` rewrites them in place."""
+"""The tables in docs/ that the code declares: gen_args (from sdmme.spec), the model settings (from
+sdmme.pipelines.Settings), the models' metrics and request outcomes (from sdmme.telemetry).
+`make docs` rewrites each between its markers, in the page it lives in."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 
 from sdmme import telemetry
 from sdmme.spec import MODELS
-
-BEGIN, END = "<!-- gen_args:begin -->", "<!-- gen_args:end -->"
-SETTINGS_BEGIN, SETTINGS_END = "<!-- settings:begin -->", "<!-- settings:end -->"
-METRICS_BEGIN, METRICS_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
 
 
 def gen_args_table() -> str:
@@ -83,16 +78,39 @@ def metrics_table() -> str:
     return "\n".join(lines)
 
 
-def _replace(text: str, begin: str, end: str, table: str) -> str:
-    block = f"{begin}\n{table}\n{end}"
-    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+# marker: (the page it lives in, relative to the repository, the function that writes it)
+TABLES = {
+    "gen_args": ("docs/serving.md", gen_args_table),
+    "settings": ("docs/settings.md", settings_table),
+    "metrics": ("docs/operating.md", metrics_table),
+}
 
 
-def update(readme: Path) -> None:
-    text = _replace(readme.read_text(), BEGIN, END, gen_args_table())
-    text = _replace(text, SETTINGS_BEGIN, SETTINGS_END, settings_table())
-    readme.write_text(_replace(text, METRICS_BEGIN, METRICS_END, metrics_table()))
+def render(root: Path) -> dict[Path, str]:
+    """Every page that holds a generated table, as `make docs` would write it."""
+    pages: dict[Path, str] = {}
+    for marker, (page, table) in TABLES.items():
+        path = root / page
+        text = pages.get(path) or path.read_text()
+        begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+        if text.count(begin) != 1 or text.count(end) != 1:
+            raise ValueError(f"{page} must hold {begin} ... {end} once: the {marker} table lives there")
+        start, stop = text.index(begin), text.index(end) + len(end)
+        pages[path] = f"{text[:start]}{begin}\n{table()}\n{end}{text[stop:]}"
+    return pages
+
+
+def update(root: Path) -> None:
+    for path, text in render(root).items():
+        if path.read_text() != text:
+            path.write_text(text)
+            print(f"rewrote the generated tables in {path.relative_to(root)}")
 
 
 if __name__ == "__main__":
-    update(Path("README.md"))
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m sdmme.docs", description="Rewrite the generated tables in docs/ (make docs)."
+    ).parse_args()
+    update(Path(__file__).resolve().parent.parent)

@@ -51,7 +51,7 @@ OTHER_PARAMETERS = ("EXECUTION_ENV_PATH", KIND_PARAMETER)
 
 
 def _setting(default, help: str, values: str = ""):
-    """A setting with what it does and, beyond a choice or true/false, the values it takes (README)."""
+    """A setting with what it does and, beyond a choice or true/false, the values it takes (docs)."""
     return dataclasses.field(default=default, metadata={"help": help, "values": values})
 
 
@@ -103,7 +103,7 @@ class Settings:
     )
     adapters: str = _setting(
         "",
-        "Where the model's adapters are (README: Adapters): a folder (relative to the model's) or "
+        "Where the model's adapters are (docs/models.md): a folder (relative to the model's) or "
         "s3://bucket/prefix/; none: no adapters. Empty: $SDMME_ADAPTERS/<model>/ when set (make deploy, "
         "the local MME), else the model's adapters/ folder.",
         "a folder, s3://bucket/prefix/, none",
@@ -122,13 +122,13 @@ class Settings:
     )
 
     request_log: bool = _setting(
-        True, "One JSON line per request on stderr: model, outcome, sizes, times (README: Operating it)."
+        True, "One JSON line per request on stderr: model, outcome, sizes, times (docs/operating.md)."
     )
     log_prompts: bool = _setting(
         False, "Put the prompt and negative prompt in the request's log line (they may be personal)."
     )
     metrics: bool = _setting(
-        True, "Publish the model's metrics (sdmme_*) on Triton's metrics port (README: Operating it)."
+        True, "Publish the model's metrics (sdmme_*) on Triton's metrics port (docs/operating.md)."
     )
 
     def __post_init__(self):

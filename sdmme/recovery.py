@@ -13,8 +13,8 @@ keeps reporting it ready, so each model keeps a `Guard`:
   declares itself broken: its requests get UNAVAILABLE (HTTP 503) saying it restarts and to retry, and it
   is reloaded, by a sibling or, alone, by itself.
 
-A model alone on its server whose process dies has nobody left to reload it (a limitation, README:
-Recovery). The reload costs the other models nothing but the reloading thread's wait.
+A model alone on its server whose process dies has nobody left to reload it (a limitation,
+docs/recovery.md). The reload costs the other models nothing but the reloading thread's wait.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The four models and their `gen_args`, declared once.
 
 This module is the single source of truth for what each model accepts: the server validates with it,
-the client builds its command-line options from it and the README's table is generated from it. It
+the client builds its command-line options from it and the table in docs/serving.md is generated from it. It
 imports nothing heavy so that clients can use it without torch.
 """
 
@@ -99,7 +99,7 @@ class Param:
         return out
 
     def allowed(self) -> str:
-        """Human-readable description of the allowed values (used in errors, README and --help)."""
+        """Human-readable description of the allowed values (used in errors, docs and --help)."""
         if self.choices is not None:
             text = "one of " + ", ".join(self.choices)
         else:
@@ -251,7 +251,7 @@ def _common(steps: int, guidance: float, strength: Optional[float] = None) -> Tu
             "lora",
             object,
             None,
-            "Adapters (LoRAs) of this model to apply, by name (README: Adapters). Null: the model alone.",
+            "Adapters (LoRAs) of this model to apply, by name (docs/models.md). Null: the model alone.",
         ),
         ADAPTER_SCALE,
     ]
@@ -409,6 +409,11 @@ def schema() -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    import argparse
     import json
 
+    argparse.ArgumentParser(
+        prog="python -m sdmme.spec",
+        description="Print every kind's inputs and gen_args as JSON Schema (the playground's form).",
+    ).parse_args()
     print(json.dumps(schema(), indent=1))

@@ -1,11 +1,11 @@
-"""The gen_args declarations: validation rules, and that configs and README follow them."""
+"""The gen_args declarations: validation rules, and that the models' configs follow them."""
 
 import re
 
 import pytest
 from conftest import ROOT
 
-from sdmme import docs, repository
+from sdmme import repository
 from sdmme.spec import MODELS, InvalidInput, Param
 
 
@@ -75,10 +75,3 @@ def test_config_inputs_match_spec():
         required = {n for n, optional in declared if not optional}
         assert required == {"prompt", *spec.image_inputs}
         assert "KIND_GPU" not in config and "max_batch_size: 8" in config and "dynamic_batching" in config
-
-
-def test_readme_gen_args_table_is_generated_from_spec():
-    readme = (ROOT / "README.md").read_text()
-    assert docs.gen_args_table() in readme, "README is stale: run `make docs` and commit README.md"
-    assert docs.settings_table() in readme, "README is stale: run `make docs` and commit README.md"
-    assert docs.metrics_table() in readme, "README is stale: run `make docs` and commit README.md"
