@@ -1,5 +1,6 @@
 """The README and docs/ stay true: the commands they name exist, their links resolve, every page is one
-click from the README, no page repeats another, and the generated tables are what `make docs` writes."""
+click from the README, no page repeats another, the tests the guarantees name exist, and the generated
+tables are what `make docs` writes."""
 
 from __future__ import annotations
 
@@ -146,6 +147,23 @@ def test_no_page_repeats_another():
                 where.setdefault(line, set()).add(page.relative_to(ROOT).as_posix())
     repeated = {line: sorted(pages) for line, pages in where.items() if len(pages) > 1}
     assert not repeated, "\n".join(f"{pages}: {line}" for line, pages in repeated.items())
+
+
+def test_every_test_the_guarantees_name_exists():
+    named, missing = 0, []
+    for row in (ROOT / "docs/guarantees.md").read_text().splitlines():
+        module = None
+        for span in re.findall(r"`([^`]+)`", row.partition(" | ")[2] if row.startswith("| ") else ""):
+            test = re.fullmatch(r"(test_\w+\.py)?(?:::(\w+)(?:\[.*\])?)?", span)
+            if not test or not (test.group(1) or module):
+                continue
+            module = test.group(1) or module
+            source = ROOT / "tests" / module
+            named += 1
+            if not source.exists() or (test.group(2) and f"def {test.group(2)}(" not in source.read_text()):
+                missing.append(span if test.group(1) else f"{module}{span}")
+    assert named > 30, "the guarantees' tests were not read"
+    assert not missing, f"guarantees name tests that do not exist: {missing}"
 
 
 def test_the_generated_tables_are_what_make_docs_writes():
