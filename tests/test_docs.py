@@ -30,7 +30,7 @@ def split(text: str) -> tuple[list[str], str]:
     """A page's code (fenced and indented blocks, inline spans) and its prose with the code taken out."""
     code = [m.group(0) for m in FENCE.finditer(text)]
     prose = FENCE.sub("\n", text)
-    code += [m.group(0) for m in INDENTED.finditer(prose) if prose[: m.start()].endswith("\n\n")]
+    code += [m.group(0) for m in INDENTED.finditer(prose) if prose.endswith("\n\n", 0, m.start())]
     code += [m.group(2) for m in SPAN.finditer(prose)]
     return code, SPAN.sub("CODE", prose)
 
