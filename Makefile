@@ -8,7 +8,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
-WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json)
+# The default models' folders: config.pbtxt written from the spec (again when it changes) and tiny weights.
+WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json model_repository/$(m)/config.pbtxt)
 
 .PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters stats playground browser clean
 
@@ -24,16 +25,17 @@ $(VENV)/.installed: pyproject.toml env/dev.lock $(VENV)/torch.setting
 	touch $@
 
 weights: $(WEIGHT_FILES)
-$(WEIGHT_FILES) &: | $(VENV)/.installed
-	$(PY) -m sdmme.weights tiny
+$(WEIGHT_FILES) &: sdmme/spec.py sdmme/model_folder.py | $(VENV)/.installed
+	$(PY) -m sdmme.tools.weights tiny --if-missing
+	@touch $(WEIGHT_FILES)
 
 # The real architectures at full size with random weights (offline; about 2.6 GB per model): bench, serving tests.
 weights-full: venv
-	$(PY) -m sdmme.weights full --force
+	$(PY) -m sdmme.tools.weights full --force
 
 # Real weights from the Hugging Face hub (fp16 safetensors, about 5 GB); replaces tiny ones.
 weights-hub: venv
-	$(PY) -m sdmme.weights hub --force
+	$(PY) -m sdmme.tools.weights hub --force
 
 # Your own model, served as <NAME>.tar.gz next to the defaults: weights from a single-file checkpoint
 # (.safetensors), a diffusers folder or a hub id, optionally with a LoRA fused in (docs/models.md).
@@ -41,7 +43,7 @@ REPOSITORY ?= model_repository
 LORA_SCALE ?= 1.0
 model: venv
 	@test -n "$(NAME)" -a -n "$(KIND)" -a -n "$(WEIGHTS)" || (echo "usage: make model NAME=my_style KIND=sd_base|sd_depth|sd_inpaint|sd_upscale WEIGHTS=file.safetensors|folder|hub-id [LORA=file-or-hub-id LORA_SCALE=1.0] [CONFIG=folder-or-hub-id] [FORCE=1]"; exit 2)
-	$(PY) -m sdmme.repository "$(NAME)" --kind "$(KIND)" --weights "$(WEIGHTS)" --repository "$(REPOSITORY)" \
+	$(PY) -m sdmme.tools.repository "$(NAME)" --kind "$(KIND)" --weights "$(WEIGHTS)" --repository "$(REPOSITORY)" \
 	  $(if $(LORA),--lora "$(LORA)" --lora-scale $(LORA_SCALE)) $(if $(CONFIG),--config "$(CONFIG)") $(if $(FORCE),--force)
 
 # An adapter (a LoRA) of a model, served per request on the warm model (docs/models.md).
@@ -53,10 +55,10 @@ adapter: weights
 # endpoints of that GPU type; make package ships them (docs/settings.md).
 compile-cache: weights
 	@test -n "$(MODEL)" || (echo "usage: make compile-cache MODEL=sd_base [SHAPES=512:1,512:8]"; exit 2)
-	$(PY) -m sdmme.compile_artifacts --model "$(MODEL)" --repository "$(REPOSITORY)" $(if $(SHAPES),--shapes "$(SHAPES)")
+	$(PY) -m sdmme.tools.compile_cache --model "$(MODEL)" --repository "$(REPOSITORY)" $(if $(SHAPES),--shapes "$(SHAPES)")
 
 serve: weights
-	$(PY) -m deploy.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m deploy.local.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 # GPU machines with docker: NGC's tritonserver with this repository mounted; installs the runtime at start.
 serve-docker:
@@ -124,12 +126,12 @@ env/sd_env/sdmme-env.json: env/sd_env.settings pyproject.toml environment.yml en
 # gzip level of the archives: 0 (stored) makes every cold load's extraction a copy (docs/benchmarks.md)
 GZIP_LEVEL ?= 0
 package: weights env
-	$(PY) -m deploy.package --gzip-level $(GZIP_LEVEL)
+	$(PY) -m deploy.aws.package --gzip-level $(GZIP_LEVEL)
 
 # Slim archives (weights, config, model code) for an image that carries the environment (make image).
 IMAGE_ENV_PATH ?= /opt/sdmme/sd_env
 package-slim: weights env
-	$(PY) -m deploy.package --dist dist-slim --slim-env-path $(IMAGE_ENV_PATH) --gzip-level $(GZIP_LEVEL)
+	$(PY) -m deploy.aws.package --dist dist-slim --slim-env-path $(IMAGE_ENV_PATH) --gzip-level $(GZIP_LEVEL)
 
 # SageMaker's Triton image with env/sd_env/ at IMAGE_ENV_PATH, pushed to IMAGE_URI (an ECR repository of
 # yours). Needs docker and ECR logins for AWS's registry and yours; not runnable on the dev machines.
@@ -137,24 +139,24 @@ REGION ?= us-east-1
 image: env
 	@test -n "$(IMAGE_URI)" || (echo "usage: make image IMAGE_URI=<account>.dkr.ecr.<region>.amazonaws.com/sdmme:$(IMAGE_TAG) [REGION=$(REGION)]"; exit 2)
 	docker build -f docker/Dockerfile -t "$(IMAGE_URI)" --build-arg ENV_PATH=$(IMAGE_ENV_PATH) \
-	  --build-arg BASE=$$($(PY) -m deploy.containers --region $(REGION) --tag $(IMAGE_TAG)) .
+	  --build-arg BASE=$$($(PY) -m deploy.aws.containers --region $(REGION) --tag $(IMAGE_TAG)) .
 	docker push "$(IMAGE_URI)"
 
 upload: venv
 	@test -n "$(BUCKET)" || (echo "usage: make upload BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
-	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --repository "$(REPOSITORY)" $(if $(VERSION),--version "$(VERSION)") $(if $(REPLACE),--replace)
+	$(PY) -m deploy.aws.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --repository "$(REPOSITORY)" $(if $(VERSION),--version "$(VERSION)") $(if $(REPLACE),--replace)
 
 # The models under s3://BUCKET/PREFIX/ with their kinds and adapters (what an endpoint on that prefix serves).
 models: venv
 	@test -n "$(BUCKET)" || (echo "usage: make models BUCKET=my-bucket [PREFIX=sd-mme/models]"; exit 2)
-	$(PY) -m deploy.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --list
+	$(PY) -m deploy.aws.upload --bucket "$(BUCKET)" --prefix "$(PREFIX)" --list
 
 # Local SageMaker MME on MME_PORT, models from s3://BUCKET/PREFIX/ (S3 via AWS_ENDPOINT_URL when set).
 MME_PORT ?= 8080
 MAX_MODELS ?= 4
 mme: venv
 	@test -n "$(BUCKET)" || (echo "usage: make mme BUCKET=my-bucket [PREFIX=...] [MME_PORT=8080]"; exit 2)
-	$(PY) -m deploy.mme --bucket "$(BUCKET)" --prefix "$(PREFIX)" --port $(MME_PORT) --max-models $(MAX_MODELS) \
+	$(PY) -m deploy.local.mme --bucket "$(BUCKET)" --prefix "$(PREFIX)" --port $(MME_PORT) --max-models $(MAX_MODELS) \
 	  $(if $(MME_PYTHON),--python-version $(MME_PYTHON)) $(if $(METRICS),--metrics-port $(METRICS_PORT))
 
 # The real SageMaker endpoint (needs AWS credentials and an execution role: make iam-policy).
@@ -165,15 +167,15 @@ IMAGE_TAG ?= 25.04
 AUTOSCALE ?=
 deploy: venv
 	@test -n "$(BUCKET)" -a -n "$(ROLE_ARN)" || (echo "usage: make deploy BUCKET=... ROLE_ARN=... [PREFIX=...] [INSTANCE_TYPE=...] [AUTOSCALE='--min-instances 1 --max-instances 4'] [METRICS=1]"; exit 2)
-	$(PY) -m deploy.sagemaker deploy --name $(ENDPOINT) --bucket "$(BUCKET)" --prefix "$(PREFIX)" --role-arn "$(ROLE_ARN)" \
+	$(PY) -m deploy.aws.sagemaker deploy --name $(ENDPOINT) --bucket "$(BUCKET)" --prefix "$(PREFIX)" --role-arn "$(ROLE_ARN)" \
 	  --image-tag $(IMAGE_TAG) --instance-type $(INSTANCE_TYPE) --instance-count $(INSTANCE_COUNT) $(AUTOSCALE) \
 	  $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)") $(if $(METRICS),--metrics)
 
 teardown: venv
-	$(PY) -m deploy.sagemaker teardown --name $(ENDPOINT)
+	$(PY) -m deploy.aws.sagemaker teardown --name $(ENDPOINT)
 
 iam-policy: venv
-	@$(PY) -m deploy.sagemaker iam-policy --bucket "$(BUCKET)" --prefix "$(PREFIX)"
+	@$(PY) -m deploy.aws.sagemaker iam-policy --bucket "$(BUCKET)" --prefix "$(PREFIX)"
 
 bench: weights
 	$(PY) -m bench.serving
@@ -196,7 +198,7 @@ bench-adapters: env
 # any Triton's (STATS_URL=host:port); EVERY=5 prints again every 5 s (docs/operating.md).
 STATS_URL ?= 127.0.0.1:$(METRICS_PORT)
 stats: venv
-	$(PY) -m deploy.stats --url $(STATS_URL) $(if $(EVERY),--every $(EVERY))
+	$(PY) -m deploy.ops.stats --url $(STATS_URL) $(if $(EVERY),--every $(EVERY))
 
 docs: venv
-	$(PY) -m sdmme.docs
+	$(PY) -m sdmme.tools.docs

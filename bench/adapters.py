@@ -30,11 +30,11 @@ from bench.local_s3 import local_s3
 from bench.loras import write_lora
 from bench.report import cpu_machine, publish
 from client import base
-from deploy import package, upload
-from deploy.mme.service import LocalEndpoint
+from deploy.aws import package, upload
+from deploy.local.mme.service import LocalEndpoint
 from env import build
-from sdmme import repository, weights
 from sdmme.adapters import __main__ as make_adapter
+from sdmme.tools import repository, weights
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "adapters"
@@ -110,11 +110,7 @@ def measure(
     weights_source: str, rank: int, env_dir: Path, repeats: int, rounds: int, side: int, work: Path = WORK
 ) -> Dict:
 
-    repo = work / "model_repository"
-    if not (repo / "sd_base").exists():
-        shutil.copytree(
-            ROOT / "model_repository" / "sd_base", repo / "sd_base", ignore=shutil.ignore_patterns("weights")
-        )
+    repo = work / "model_repository"  # fill makes the model's folder
     weights_folder = weights.weights_dir(repo, "sd_base")
     marker = weights_folder / weights.SOURCE_FILE  # kept between runs; replaced when the kind differs
     other = marker.exists() and json.loads(marker.read_text())["source"] != weights_source

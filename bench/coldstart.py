@@ -31,11 +31,11 @@ from safetensors.torch import load_file
 from bench.local_s3 import local_s3
 from bench.report import cpu_machine, publish
 from client import base
-from deploy import package, tarball, upload
-from deploy.mme.service import LocalEndpoint
+from deploy.aws import package, tarball, upload
+from deploy.local.mme.service import LocalEndpoint
 from env import build
-from sdmme import weights
 from sdmme.spec import MODELS
+from sdmme.tools import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
@@ -102,9 +102,7 @@ def weights_read_s(folder: Path) -> float:
 
 def measure(models: List[str], env_dir: Path, python: str) -> List[Dict]:
     """`python`: the environment's version (its backend stub)."""
-    repository = WORK / "model_repository"
-    if not repository.exists():
-        shutil.copytree(ROOT / "model_repository", repository, ignore=shutil.ignore_patterns("weights"))
+    repository = WORK / "model_repository"  # fill makes each model's folder
     env_tar = WORK / "sd_env.tar.gz"
     if not env_tar.exists():
         members = [(p, p.name) for p in sorted(env_dir.iterdir())]

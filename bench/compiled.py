@@ -22,19 +22,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from sdmme.repository import parameters_text
+from sdmme import model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _model_folder(work: Path, weights_folder: Path, mode: str) -> Path:
     """A model folder of sd_base with `mode` in its config.pbtxt and `weights_folder` as its weights."""
-    folder = work / mode / "sd_base"
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    config = (ROOT / "model_repository" / "sd_base" / "config.pbtxt").read_text()
-    parameters = {"compile": mode, "adapters": "none"}
-    config += parameters_text(parameters)
-    (folder / "config.pbtxt").write_text(config)
+    folder = model_folder.write(work / mode / "sd_base", "sd_base", {"compile": mode, "adapters": "none"})
     weights = folder / "1" / "weights"
     if not weights.exists():
         weights.symlink_to(weights_folder.resolve())
@@ -57,18 +52,13 @@ def cold_load(folder: Path, side: int, steps: int, repeats: int, quick: bool = F
     then batch 1 and 8 and a size not prepared."""
     import torch
 
-    from sdmme import batching, compile_artifacts, pipelines, repository
-    from sdmme.spec import MODELS
+    from sdmme import loader
+    from sdmme.pipeline import compile_artifacts
+    from sdmme.serving import batching
 
     start = time.perf_counter()
-    config = (folder / "config.pbtxt").read_text()
-    device, defaults = pipelines.device_for("GPU" if torch.cuda.is_available() else "CPU", "0")
-    settings = pipelines.Settings.from_parameters(repository.parameters_in(config), defaults)
-    spec = MODELS["sd_base"]
-    artifacts = compile_artifacts.load(folder, device, settings.compile, "sd_base")
-    pipeline = pipelines.load(spec, folder / "1" / "weights", device, settings)
-    runner = pipelines.Runner(pipeline, sync_free=settings.sync_free)
-    batching.run(runner, [batching.warmup_job(spec)])
+    loaded = loader.load_model(folder, "GPU" if torch.cuda.is_available() else "CPU")
+    device, spec, runner = loaded.device, loaded.spec, loaded.runner
 
     def sync():
         if device.type == "cuda":
@@ -76,7 +66,7 @@ def cold_load(folder: Path, side: int, steps: int, repeats: int, quick: bool = F
 
     sync()
     result = {
-        "artifacts": artifacts,
+        "artifacts": loaded.from_artifacts,
         "load_s": time.perf_counter() - start,
         **compile_artifacts.compiled_graphs(),
     }
@@ -134,7 +124,7 @@ def rows(
                 build = _python(
                     [
                         "-m",
-                        "sdmme.compile_artifacts",
+                        "sdmme.pipeline.compile_artifacts",
                         "--model",
                         "sd_base",
                         "--repository",

@@ -41,8 +41,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from sdmme import batching, pipelines, sync_free, weights
+from sdmme import loader
+from sdmme.pipeline import compile_artifacts, speed, sync_free
+from sdmme.pipeline.runner import Runner, free_memory, is_out_of_memory
+from sdmme.serving import batching
+from sdmme.settings import Settings
 from sdmme.spec import MODELS, SCHEDULERS
+from sdmme.tools import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 A10G_BYTES = 22 * 2**30  # an A10G's 24 GB less the CUDA context and the allocator's slack
@@ -93,11 +98,10 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def load(self, model: str, settings: pipelines.Settings) -> pipelines.Runner:
-        pipelines.free_memory(self.device)
+    def load(self, model: str, settings: Settings) -> Runner:
+        free_memory(self.device)
         folder = self.weight_folder(model)
-        pipeline = pipelines.load(MODELS[model], folder, self.device, settings)
-        return pipelines.Runner(pipeline, sync_free=settings.sync_free)
+        return loader.load(MODELS[model], folder.parent.parent, self.device, settings, weights=folder).runner
 
     def timed(self, runner, jobs) -> float:
         self.sync()
@@ -158,23 +162,23 @@ def job(model: str, steps: int, side: int, seed: int = 0) -> batching.Job:
 TODAY = "SDPA (today's default)"
 
 
-def settings_to_compare(dtype: str = "float16") -> Dict[str, pipelines.Settings]:
+def settings_to_compare(dtype: str = "float16") -> Dict[str, Settings]:
     """The settings without compile, each adding one option; compile is measured last, on the fastest."""
-    base = pipelines.Settings(dtype=dtype)  # the GPU defaults (float16)
+    base = Settings(dtype=dtype, adapters="none")  # the GPU defaults (float16); fused QKV needs no adapters
     variants = {TODAY: base}
     try:
         import xformers  # noqa: F401
 
-        variants["xformers"] = replace(base, attention="xformers")
+        variants["xformers"] = base.replace(attention="xformers")
     except ImportError:
         print("xformers is not installed: its row is skipped", flush=True)
-    variants["sync-free loop"] = replace(base, sync_free=True)
-    graphs = replace(base, sync_free=True, cuda_graphs=True)
+    variants["sync-free loop"] = base.replace(sync_free=True)
+    graphs = base.replace(sync_free=True, cuda_graphs=True)
     variants["sync-free + CUDA graphs"] = graphs
-    variants["sync-free + CUDA graphs + channels_last"] = replace(graphs, channels_last=True)
-    variants["sync-free + CUDA graphs + fused QKV"] = replace(graphs, fuse_qkv=True)
-    variants["sync-free + CUDA graphs + channels_last + fused QKV"] = replace(
-        graphs, channels_last=True, fuse_qkv=True
+    variants["sync-free + CUDA graphs + channels_last"] = graphs.replace(channels_last=True)
+    variants["sync-free + CUDA graphs + fused QKV"] = graphs.replace(fuse_qkv=True)
+    variants["sync-free + CUDA graphs + channels_last + fused QKV"] = graphs.replace(
+        channels_last=True, fuse_qkv=True
     )
     return variants
 
@@ -192,7 +196,7 @@ def against(images: Dict[str, object], reference: str) -> str:
     return "; ".join(said)
 
 
-def largest_upscale_input(bench: Bench, settings: pipelines.Settings, sides: List[int]) -> Optional[int]:
+def largest_upscale_input(bench: Bench, settings: Settings, sides: List[int]) -> Optional[int]:
     """Largest square input side whose 2-step upscale runs within A10G_BYTES (allocator capped)."""
     if bench.device.type != "cuda":
         return None
@@ -207,11 +211,11 @@ def largest_upscale_input(bench: Bench, settings: pipelines.Settings, sides: Lis
                 bench.timed(runner, [job("sd_upscale", 2, side)])
                 best = side
             except Exception as e:
-                if not pipelines.is_out_of_memory(e):
+                if not is_out_of_memory(e):
                     raise
                 break
             finally:
-                pipelines.free_memory(bench.device)
+                free_memory(bench.device)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
     return best
@@ -263,13 +267,13 @@ def run(
     are measured in `rounds` interleaved rounds: on the first GPU run (H100) the setting measured first
     took 2.9 s, and 1.4-1.8 s in later runs, so a single pass ranks the order, not the settings."""
     lines = Report()
-    loaded: Dict[tuple, pipelines.Runner] = {}  # the one pipeline in memory, kept for the next case
+    loaded: Dict[tuple, Runner] = {}  # the one pipeline in memory, kept for the next case
 
     def unload() -> None:
         loaded.clear()
-        pipelines.free_memory(bench.device)
+        free_memory(bench.device)
 
-    def attempt(label: str, model: str, settings: pipelines.Settings, jobs, first_call=False, show=True):
+    def attempt(label: str, model: str, settings: Settings, jobs, first_call=False, show=True):
         try:
             if (model, settings) not in loaded:
                 unload()
@@ -287,7 +291,7 @@ def run(
             return result
         except Exception as e:
             unload()
-            what = "out of memory" if pipelines.is_out_of_memory(e) else f"failed: {type(e).__name__}: {e}"
+            what = "out of memory" if is_out_of_memory(e) else f"failed: {type(e).__name__}: {e}"
             lines.append(f"| {label} | {what[:200].replace('|', '/')}{FAILED_CELLS}")
             return None
 
@@ -348,7 +352,7 @@ def run(
             lines.append(
                 f"| adapters | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')}{FAILED_CELLS}"
             )
-        pipelines.free_memory(bench.device)
+        free_memory(bench.device)
         lines.append("")
 
     if "models" not in skip:
@@ -358,7 +362,7 @@ def run(
         for tiling in (False, True):
             for side in (128, 256):
                 label = f"sd_upscale {side}->{side * 4}" + (", VAE tiling" if tiling else "")
-                settings = replace(best_settings, vae_tiling=tiling)
+                settings = best_settings.replace(vae_tiling=tiling)
                 attempt(label, "sd_upscale", settings, [job("sd_upscale", steps, side)])
         lines.append("")
     unload()
@@ -367,11 +371,11 @@ def run(
         within = f"within {A10G_BYTES / 2**30:.0f} GiB (A10G, ml.g5.xlarge)"
         within += ", VAE tiling" if tiling else ""
         try:
-            side = largest_upscale_input(bench, replace(best_settings, vae_tiling=tiling), upscale_sides)
+            side = largest_upscale_input(bench, best_settings.replace(vae_tiling=tiling), upscale_sides)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"[:200]
             lines += [f"Largest `sd_upscale` input {within}: failed ({error}).", ""]
-            pipelines.free_memory(bench.device)
+            free_memory(bench.device)
             continue
         if side is not None:
             tried = ", ".join(map(str, upscale_sides))
@@ -399,7 +403,7 @@ def run(
         compiled = attempt(
             label,
             "sd_base",
-            replace(best_settings, cuda_graphs=False, compile=compile_mode),
+            best_settings.replace(cuda_graphs=False, compile=compile_mode),
             [base_job],
             first_call=True,
         )
@@ -409,11 +413,10 @@ def run(
     return lines
 
 
-def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.Job, steps: int) -> List[str]:
+def adapter_rows(bench: Bench, settings: Settings, base_job: batching.Job, steps: int) -> List[str]:
     """sd_base alone, with an adapter (fused, as served) and with the same LoRA as PEFT's layers (unfused);
     then what loading and switching cost on this device."""
     from bench.loras import write_adapter, write_lora
-    from sdmme import adapters
 
     folder = bench.weight_folder("sd_base")
     rank = 2 if bench.device.type == "cpu" else 64  # tests run this on CPU with tiny weights
@@ -423,11 +426,11 @@ def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.
             write_adapter(folder, store / f"{name}.safetensors", rank, seed)
             for name, seed in (("ink", 1), ("sun", 2))
         ]
-        settings = replace(settings, adapters=str(store), fuse_qkv=False)  # they cannot go together
-        pipeline = pipelines.load(MODELS["sd_base"], folder, bench.device, settings)
-        runner = pipelines.Runner(
-            pipeline, adapters.for_model(folder.parent.parent, settings, pipeline), settings.sync_free
-        )
+        settings = settings.replace(adapters=str(store), fuse_qkv=False)  # they cannot go together
+        runner = loader.load(
+            MODELS["sd_base"], folder.parent.parent, bench.device, settings, weights=folder
+        ).runner
+        pipeline = runner.pipeline
 
         def activate(lora) -> float:
             bench.sync()
@@ -452,7 +455,7 @@ def adapter_rows(bench: Bench, settings: pipelines.Settings, base_job: batching.
             pipeline.load_lora_weights(str(lora), adapter_name="peft")
             unfused = bench.measure(
                 "the LoRA as PEFT layers, unfused",
-                pipelines.Runner(pipeline, sync_free=settings.sync_free),
+                Runner(pipeline, sync_free=settings.sync_free),
                 [base_job],
                 steps,
             )
@@ -511,13 +514,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--dtype",
         default="float16",
-        choices=pipelines.DTYPES,
+        choices=speed.DTYPES,
         help="float32: tests on CPU (fp16 is slow there)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the eager settings")
     parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections to leave out")
-    parser.add_argument("--compile", default="max-autotune", choices=pipelines.CHOICES["compile"])
+    parser.add_argument("--compile", default="max-autotune", choices=compile_artifacts.MODES)
     parser.add_argument("--upscale-sides", type=int, nargs="+", default=[256, 320, 384, 448, 512, 640])
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--weights-cache", type=Path, help="where built weights go (default: a temp dir)")

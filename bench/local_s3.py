@@ -7,8 +7,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Tuple
 
-from deploy import upload
-from deploy.tritonserver import free_port
+from deploy.aws import upload
+from deploy.local.tritonserver import free_port
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import io
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -29,25 +28,21 @@ from PIL import Image
 
 from bench import serving
 from client.base import images_from_response, request_body
-from deploy.tritonserver import TritonServer
-from sdmme import pipelines, weights
-from sdmme.repository import parameters_text
+from deploy.local.tritonserver import TritonServer
+from sdmme import model_folder
+from sdmme.settings import Settings
 from sdmme.spec import MODELS
+from sdmme.tools import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def repository(dest: Path, tiny: bool, settings: Dict[str, str]) -> Path:
-    """The four models as model_repository/ has them, with weights built in place (kept between runs) and
-    `settings` as config.pbtxt parameters (sdmme.pipelines.Settings: e.g. compile inside tritonserver)."""
-    extra = parameters_text(settings)
+    """The four default models, with weights built in place (kept between runs) and `settings` as
+    config.pbtxt parameters (sdmme/settings.py: e.g. compile inside tritonserver)."""
     for model in MODELS:
-        folder = dest / model
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        config = (ROOT / "model_repository" / model / "config.pbtxt").read_text()
-        (folder / "config.pbtxt").write_text(config + extra)
-        shutil.copy2(ROOT / "model_repository" / model / "1" / "model.py", folder / "1" / "model.py")
         weights.fill(dest, model, "tiny" if tiny else "full")
+        model_folder.write(dest / model, model, settings)
     return dest
 
 
@@ -100,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     settings = dict(item.partition("=")[::2] for item in args.set)
     try:  # as the models' loads will, before minutes of building weights and starting the server
-        pipelines.Settings.from_parameters(settings, pipelines.GPU_DEFAULTS)
+        Settings.from_parameters(settings, "GPU")
     except ValueError as e:
         parser.error(f"--set: {e}")
     repo = repository(args.repository, args.tiny, settings)

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,11 +38,11 @@ from PIL import Image
 
 import sdmme
 from client.base import binary_request, encode_image, request_body
-from deploy import stats
-from deploy.tritonserver import TritonServer
-from sdmme import batching, images, pipelines, telemetry, weights
-from sdmme.repository import parameters_text
-from sdmme.spec import MODELS
+from deploy.local.tritonserver import TritonServer
+from deploy.ops import stats
+from sdmme import loader, model_folder
+from sdmme.serving import batching, images, telemetry
+from sdmme.tools import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,13 +82,9 @@ def in_process(
     """The runtime without Triton: parse, one pipeline call, encode, as execute() does them, on the
     device and with the settings a Triton instance of `kind` (CPU, GPU) with these config.pbtxt
     `parameters` gets."""
-    spec = MODELS["sd_base"]
-    device, defaults = pipelines.device_for(kind, "0")
-    settings = pipelines.Settings.from_parameters(parameters or {}, defaults)
-    runner = pipelines.Runner(
-        pipelines.load(spec, weights.weights_dir(repository, "sd_base"), device, settings),
-        sync_free=settings.sync_free,
-    )
+    parameters = {**(parameters or {}), model_folder.KIND_PARAMETER: "sd_base"}
+    spec, device, settings = loader.prepare(parameters, kind)
+    runner = loader.load(spec, repository / "sd_base", device, settings).runner
     inputs = {
         item["name"]: np.array([[item["data"][0].encode()]], dtype=np.object_) for item in request["inputs"]
     }
@@ -175,12 +170,7 @@ def telemetry_overhead(
     with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as folder:
         repo = work or Path(folder)
         for name, parameters in settings.items():
-            (repo / name / "1").mkdir(parents=True)
-            config = (repository / "sd_base" / "config.pbtxt").read_text()
-            config = config.replace('name: "sd_base"', f'name: "{name}"')
-            config += parameters_text(parameters)
-            (repo / name / "config.pbtxt").write_text(config)
-            shutil.copy2(repository / "sd_base" / "1" / "model.py", repo / name / "1" / "model.py")
+            model_folder.write(repo / name, "sd_base", parameters)
             (repo / name / "1" / "weights").symlink_to(weights.weights_dir(repository, "sd_base"))
         data = json.dumps(body(0, steps, size)).encode()
         times = {name: [] for name in settings}

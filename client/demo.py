@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from client.triton import TritonClient
-from deploy.tritonserver import TritonServer
+from deploy.local.tritonserver import TritonServer
 
 
 def scene(size: int = 512) -> Image.Image:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from client.base import Client, ModelError
-from sdmme import spec
+from sdmme import model_folder, spec
 
 log = logging.getLogger("playground")
 PAGE = Path(__file__).with_name("playground.html")
@@ -66,7 +66,7 @@ class TritonTarget:
             if item.get("state") != "READY":
                 continue
             config = self._get(f"/v2/models/{item['name']}/config")
-            kind = config.get("parameters", {}).get(spec.KIND_PARAMETER, {}).get("string_value")
+            kind = config.get("parameters", {}).get(model_folder.KIND_PARAMETER, {}).get("string_value")
             if kind in spec.MODELS:
                 found.append({"name": item["name"], "kind": kind, "adapters": self._adapters(item["name"])})
         return sorted(found, key=lambda m: m["name"])
@@ -83,7 +83,7 @@ class TritonTarget:
 
 class EndpointTarget:
     """A SageMaker MME: the local one lists its models (GET /models); a real one's come from its
-    ModelDataUrl prefix in S3, with their kinds and adapters (deploy.upload.catalog)."""
+    ModelDataUrl prefix in S3, with their kinds and adapters (deploy.aws.upload.catalog)."""
 
     def __init__(self, name: str, endpoint_url: Optional[str] = None, region: Optional[str] = None):
         self.name, self.endpoint_url, self.region = name, endpoint_url, region
@@ -116,7 +116,7 @@ class EndpointTarget:
     def _catalog(self) -> List[Dict[str, Any]]:
         import boto3
 
-        from deploy import upload
+        from deploy.aws import upload
 
         sm = boto3.client("sagemaker", region_name=self.region)
         config = sm.describe_endpoint(EndpointName=self.name)["EndpointConfigName"]
@@ -307,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     server = None
     if args.url:
         if args.model_repository and not _answers(args.url):
-            from deploy.tritonserver import TritonServer, free_port
+            from deploy.local.tritonserver import TritonServer, free_port
 
             port = int(args.url.rpartition(":")[2])
             server = TritonServer(args.model_repository.resolve(), ports=(port, free_port(), free_port()))

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy import containers, tarball
+from deploy.aws import containers, tarball
 from env import contract, trim
 
 ROOT = Path(__file__).resolve().parent.parent

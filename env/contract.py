@@ -26,9 +26,7 @@ RUNTIME_IMPORTS = (
     "transformers",
     "diffusers",
     "safetensors",
-    "sdmme.pipelines",
-    "sdmme.batching",
-    "sdmme.adapters",
+    "sdmme.serving.core",  # everything a model runs but pb_utils (sdmme.triton_model's only import)
     "boto3",
 )
 _PROBE = """

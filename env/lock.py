@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from deploy import containers
+from deploy.aws import containers
 from env import build
 
 HEADER = """\

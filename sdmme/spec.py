@@ -119,10 +119,6 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-# The environment variable that tells every model where the adapter stores are (make deploy and the local
-# MME set it to s3://BUCKET/PREFIX/adapters/, where make upload puts them): a model's is <that>/<model>/.
-ADAPTER_STORES_ENV = "SDMME_ADAPTERS"
-ADAPTER_CACHE_ENV = "SDMME_ADAPTER_CACHE"  # the disk cache's folder (default: the temporary folder's)
 # An adapter's name: a file name in its store and part of an S3 key, never a path or a URL.
 ADAPTER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_STACKED_ADAPTERS = 3
@@ -213,10 +209,6 @@ class AdapterParam(Param):
 # themselves (for binary transport), and what the caller should know (e.g. a prompt cut to 77 tokens).
 BASE64, FILES, WARNINGS = "generated_image", "generated_image_bytes", "warnings"
 OUTPUTS = (BASE64, FILES, WARNINGS)
-
-# The config.pbtxt parameter that says which of MODELS a model is: its pipeline, inputs and gen_args.
-# Model names are free (`make model`); the kind is what the shared model code needs.
-KIND_PARAMETER = "kind"
 
 SCHEDULERS: Tuple[str, ...] = ("default", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc")
 OUTPUT_FORMATS: Tuple[str, ...] = ("jpeg", "png", "webp")

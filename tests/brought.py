@@ -15,7 +15,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from sdmme import tiny
+from sdmme.tools import tiny
 
 
 def fine_tuned(seed: int = 7) -> diffusers.StableDiffusionPipeline:

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from client.triton import TritonClient
-from deploy import package
-from deploy.tritonserver import TritonServer, free_port
+from deploy.aws import package
+from deploy.local.tritonserver import TritonServer, free_port
 from env import build
-from sdmme import weights
 from sdmme.spec import MODELS
+from sdmme.tools import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 

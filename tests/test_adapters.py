@@ -19,13 +19,13 @@ from PIL import Image
 from test_gpu_settings import with_parameters
 
 from bench import serving
-from deploy import stats
-from deploy.tritonserver import TritonServer, free_port
-from sdmme import repository, tiny
+from deploy.local.tritonserver import TritonServer, free_port
+from deploy.ops import stats
 from sdmme.adapters import __main__ as make_adapter
 from sdmme.adapters import files
 from sdmme.adapters.fusing import Fuser
 from sdmme.spec import MODELS, InvalidInput
+from sdmme.tools import repository, tiny
 
 STYLE = {"seed": 3, "height": 64, "width": 64, "num_inference_steps": 3, "output_format": "png"}
 
@@ -366,7 +366,9 @@ def test_adapters_swap_on_a_compiled_unet_without_recompiling(served):
     graph reads and recompiles nothing; the images are the eager ones up to rounding."""
     from torch._dynamo.utils import counters
 
-    from sdmme import adapters, batching, pipelines
+    from sdmme import adapters
+    from sdmme.pipeline import pipelines
+    from sdmme.serving import batching
 
     folder = served.repository / "base"
     weights = folder / "1" / "weights"
@@ -399,7 +401,7 @@ def s3_store(aws, served, tmp_path):
     """An S3 store on moto holding base's adapters as make upload puts them, with a cache of its own."""
     from conftest import remove_bucket
 
-    from deploy import upload
+    from deploy.aws import upload
     from sdmme.adapters.store import S3Store
 
     client = upload.s3_client()
@@ -452,7 +454,7 @@ def test_a_store_that_does_not_answer_fails_its_requests_retryably(tmp_path):
     import boto3
     from botocore.config import Config
 
-    from deploy.tritonserver import free_port
+    from deploy.local.tritonserver import free_port
     from sdmme.adapters import StoreError
     from sdmme.adapters.store import S3Store
 
@@ -470,7 +472,8 @@ def test_a_store_that_does_not_answer_fails_its_requests_retryably(tmp_path):
 
 
 def test_adapters_refuse_fused_qkv_however_the_settings_were_made(served):
-    from sdmme import adapters, pipelines
+    from sdmme import adapters
+    from sdmme.pipeline import pipelines
 
     with pytest.raises(ValueError, match="fuse_qkv bypasses the to_q, to_k, to_v"):
         adapters.for_model(served.repository / "base", pipelines.Settings(fuse_qkv=True), pipeline=None)

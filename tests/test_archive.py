@@ -6,8 +6,8 @@ import zlib
 
 import pytest
 
-from deploy import tarball
-from deploy.mme import archive
+from deploy.aws import tarball
+from deploy.local.mme import archive
 
 
 def tar_gz(path, entries, level=0):

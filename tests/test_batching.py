@@ -9,7 +9,8 @@ import torch
 from conftest import b64, picture
 from PIL import Image
 
-from sdmme import batching, budget, pipelines, recovery
+from sdmme.pipeline import pipelines
+from sdmme.serving import batching, budget, recovery
 from sdmme.spec import MODELS, InvalidInput
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 
 from bench import gpu, served, serving
-from sdmme import weights
+from sdmme.tools import weights
 
 
 def test_bench_gpu_refuses_without_a_gpu():

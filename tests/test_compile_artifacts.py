@@ -1,6 +1,6 @@
-"""Compile artifacts (sdmme.compile_artifacts), on CPU: inductor compiles there too. `make compile-cache`
-builds them for the tiny sd_base; a tritonserver with an empty compile cache of its own then loads the
-model from them and compiles nothing (inductor's counters, in the model's log), and a reload on the
+"""Compile artifacts (sdmme.pipeline.compile_artifacts), on CPU: inductor compiles there too.
+`make compile-cache` builds them for the tiny sd_base; a tritonserver with an empty compile cache of
+its own then loads the model from them and compiles nothing (inductor's counters, in the model's log), and a reload on the
 same instance without them compiles nothing either. A key for another machine and a corrupt file are a
 log line and a normal compile. Timings are not asserted; the GPU's are for `make bench-gpu`.
 """
@@ -23,9 +23,10 @@ from conftest import post, sample_payload
 from PIL import Image
 from test_gpu_settings import with_parameters
 
-from deploy import package
-from deploy.tritonserver import TritonServer
-from sdmme import batching, compile_artifacts, pipelines
+from deploy.aws import package
+from deploy.local.tritonserver import TritonServer
+from sdmme.pipeline import compile_artifacts, pipelines
+from sdmme.serving import batching
 from sdmme.spec import MODELS
 
 CPU = torch.device("cpu")
@@ -112,7 +113,7 @@ def test_a_cold_load_with_artifacts_compiles_nothing(tiny_repository, tmp_path):
         [
             sys.executable,
             "-m",
-            "sdmme.compile_artifacts",
+            "sdmme.pipeline.compile_artifacts",
             "--model",
             "sd_base",
             "--repository",

@@ -1,5 +1,5 @@
-"""CUDA graphs of the eager UNet (sdmme.cuda_graphs), their bookkeeping driven on CPU: there the capture is
-replaced by plain calls into the same static buffers, so signatures, warm-up, LRU, invalidation and
+"""CUDA graphs of the eager UNet (sdmme.pipeline.cuda_graphs), their bookkeeping driven on CPU: there the
+capture is replaced by plain calls into the same static buffers, so signatures, warm-up, LRU, invalidation and
 every fallback run as on a GPU; only the speed and the graphs' own output need one (`make bench-gpu`
 compares the images with and without graphs there).
 """
@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from bench.loras import write_adapter
-from sdmme import adapters, batching, cuda_graphs, pipelines, weights
+from sdmme import adapters
+from sdmme.pipeline import cuda_graphs, pipelines
+from sdmme.serving import batching
 from sdmme.spec import MODELS
+from sdmme.tools import weights
 
 CPU = torch.device("cpu")
 GRAPHS = dataclasses.replace(pipelines.CPU_DEFAULTS, cuda_graphs=True, adapters="none")

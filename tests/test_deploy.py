@@ -9,8 +9,8 @@ import boto3
 import pytest
 from conftest import ROOT, remove_bucket
 
-from deploy import containers, sagemaker, upload
-from deploy.upload import ENV_KEY, PYTHON_KEY, SHA_KEY
+from deploy.aws import containers, sagemaker, upload
+from deploy.aws.upload import ENV_KEY, PYTHON_KEY, SHA_KEY
 
 BUCKET, PREFIX, ROLE = "deploy-models", "sd/v2", "arn:aws:iam::123456789012:role/sd-mme"
 # moto's SageMaker API refuses ml.g5.* (the real default); any type it knows exercises the same calls.
@@ -148,7 +148,7 @@ def test_deploy_refuses_an_empty_prefix(aws):
 
 def test_iam_policy_reads_only_the_prefix():
     out = subprocess.run(
-        [sys.executable, "-m", "deploy.sagemaker", "iam-policy", "--bucket", "b", "--prefix", "p/q"],
+        [sys.executable, "-m", "deploy.aws.sagemaker", "iam-policy", "--bucket", "b", "--prefix", "p/q"],
         cwd=ROOT,
         check=True,
         capture_output=True,

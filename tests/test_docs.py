@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from sdmme import docs
+from sdmme.tools import docs
 
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -81,7 +81,7 @@ def test_the_docs_are_found():
     """What the tests below read is there (they would pass on an empty tree)."""
     assert len(PAGES) >= 10 and len(README.read_text().splitlines()) < 200
     assert {"test", "demo", "package", "mme", "deploy"} <= set(commands(MAKE))
-    assert {"client", "sdmme.weights"} <= set(commands(PYTHON_M))
+    assert {"client", "sdmme.tools.weights"} <= set(commands(PYTHON_M))
     assert sum(len(links(page)) for page in PAGES) > 40
     assert {"wire-contract", "gen_args", "client"} <= anchors(ROOT / "docs/serving.md")
 

@@ -4,7 +4,7 @@ time on 2 cores); `make test` runs them too.
 
 Saved as fp16 safetensors and loaded by the same code as real weights, in fp32 on CPU, one or two
 denoising steps at the smallest valid size. The sizes on disk must match the published weights': that
-checks the configs in sdmme/configs/ against the real models.
+checks the configs in sdmme/tools/configs/ against the real models.
 """
 
 import gc
@@ -14,8 +14,10 @@ import pytest
 import torch
 from test_gpu_settings import small_job
 
-from sdmme import batching, pipelines, weights
+from sdmme.pipeline import pipelines
+from sdmme.serving import batching
 from sdmme.spec import MODELS
+from sdmme.tools import weights
 
 pytestmark = pytest.mark.full
 

@@ -18,10 +18,12 @@ import torch
 from conftest import ROOT, b64, picture, post, sample_payload
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
-from deploy.tritonserver import TritonServer
-from sdmme import batching, pipelines, weights
-from sdmme.repository import parameters_text
+from deploy.local.tritonserver import TritonServer
+from sdmme.pipeline import pipelines
+from sdmme.serving import batching
 from sdmme.spec import MODELS
+from sdmme.tools import weights
+from sdmme.tools.repository import parameters_text
 
 CPU = torch.device("cpu")
 ALL_ON = pipelines.Settings(dtype="float16", channels_last=True, fuse_qkv=True, vae_tiling=True)
@@ -121,7 +123,7 @@ def test_unusable_xformers_falls_back_to_sdpa(tiny_weights, tmp_path):
         import logging, torch
         from pathlib import Path
         from diffusers.utils import is_xformers_available
-        from sdmme import pipelines
+        from sdmme.pipeline import pipelines
         from sdmme.spec import MODELS
         logging.basicConfig(level=logging.INFO)
         assert is_xformers_available()

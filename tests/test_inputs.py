@@ -13,7 +13,7 @@ import pytest
 from conftest import b64, picture, post, sample_payload
 from PIL import Image
 
-from sdmme import images
+from sdmme.serving import images
 from sdmme.spec import MAX_PROMPT_CHARS, InvalidInput, caller_safe
 
 FAST = {"num_inference_steps": 2}

@@ -16,7 +16,7 @@ from conftest import b64, picture, post, sample_payload
 from test_gpu_settings import with_parameters
 
 from bench import serving
-from deploy.tritonserver import TritonServer
+from deploy.local.tritonserver import TritonServer
 
 
 def txt2img(steps: int, size: int, seed: int = 0) -> dict:

@@ -29,11 +29,13 @@ from test_recovery import RECOVERY_TARGET_S, Traffic
 from client import EndpointClient
 from client.base import binary_request, request_body
 from client.cli import main as cli
-from deploy import package, stats, tarball, upload
-from deploy.mme import frontend
-from deploy.mme.service import LocalEndpoint
-from sdmme import recovery, repository, tiny
+from deploy.aws import package, tarball, upload
+from deploy.local.mme import frontend
+from deploy.local.mme.service import LocalEndpoint
+from deploy.ops import stats
 from sdmme.adapters import __main__ as make_adapter
+from sdmme.serving import recovery
+from sdmme.tools import repository, tiny
 
 BUCKET, PREFIX, NAME = "mme-models", "sd/v1", "sd-mme"
 FAST = json.dumps({"num_inference_steps": 2, "seed": 1})
@@ -126,7 +128,7 @@ def mme(packed_env, tiny_repository, moto_url, tmp_path_factory):
         archives += own_models(work, env)
         upload.upload(s3, archives, BUCKET, PREFIX)
         root = make(work / "mme")
-        faults = make(work / "faults")  # sdmme.recovery's test hook, given to the container
+        faults = make(work / "faults")  # sdmme.serving.recovery's test hook, given to the container
         env = {recovery.FAULTS_ENV: str(faults), frontend.ALLOW_METRICS: "true"}  # as make mme METRICS=1
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2, env=env) as endpoint:
             endpoint.serve_in_background()

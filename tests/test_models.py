@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdmme import checkpoints, repository, tiny
-from sdmme.checkpoints import CheckpointError
+from sdmme.tools import checkpoints, repository, tiny
+from sdmme.tools.checkpoints import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def test_single_file_becomes_a_model_with_exactly_its_weights(files, repo, layou
     config = (folder / "config.pbtxt").read_text()
     assert config.startswith('name: "my_style"') and repository.kind_in(config) == "sd_base"
     assert (folder / "1" / "model.py").read_text() == (repo / "sd_base" / "1" / "model.py").read_text()
-    assert repository.models(repo)["my_style"] == "sd_base"
+    assert model_folder.in_repository(repo)["my_style"] == "sd_base"
     assert not list(repo.glob(".*partial"))
 
 

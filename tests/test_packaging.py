@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, post, sample_payload
 
-from deploy import package, tarball
-from deploy.tritonserver import TritonServer
+from deploy.aws import package, tarball
+from deploy.local.tritonserver import TritonServer
 from env import build, contract
 from sdmme.spec import MODELS
 

@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT
 from packaging.requirements import Requirement
 
-from deploy import containers
+from deploy.aws import containers
 from env import build, lock
 
 PINNED = build.pins()

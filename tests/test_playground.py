@@ -25,8 +25,9 @@ from conftest import ROOT, picture
 from PIL import Image
 
 from client import playground
-from deploy.tritonserver import free_port
-from sdmme import batching, spec
+from deploy.local.tritonserver import free_port
+from sdmme import spec
+from sdmme.serving import batching
 from sdmme.spec import MODELS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -275,7 +276,7 @@ def test_the_command_starts_a_server_when_none_answers_and_stops_it(tiny_reposit
 
 
 def test_a_models_400_names_the_field_the_page_shows_it_beside():
-    """playground.field_of on the messages the server itself makes (sdmme.spec, sdmme.batching)."""
+    """playground.field_of on the messages the server itself makes (sdmme.spec, sdmme.serving.batching)."""
     for kind, args, field in (
         ("sd_base", {"num_inference_steps": 0}, "num_inference_steps"),
         ("sd_base", {"scheduler": "lms"}, "scheduler"),

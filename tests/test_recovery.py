@@ -14,8 +14,8 @@ import pytest
 from conftest import b64, picture, post, sample_payload
 from test_gpu_settings import with_parameters
 
-from deploy.tritonserver import TritonServer
-from sdmme import recovery
+from deploy.local.tritonserver import TritonServer
+from sdmme.serving import recovery
 
 FAST = json.dumps({"num_inference_steps": 2, "height": 64, "width": 64})
 UPSCALE = json.dumps({"num_inference_steps": 2})
@@ -105,7 +105,7 @@ def load_seconds(server, model):
 
 
 def entry(server, model):
-    """The model's record among its server's models (sdmme.recovery): its process, whether broken."""
+    """The model's record among its server's models (sdmme.serving.recovery): its process, whether broken."""
     for path in recovery.registry_folder(server.process.pid).glob("*.json"):
         record = json.loads(path.read_text())
         if record["name"] == model:

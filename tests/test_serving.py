@@ -21,7 +21,7 @@ from bench import serving
 from client import ModelError
 from client.base import request_body
 from client.triton import TritonClient
-from deploy.tritonserver import free_port
+from deploy.local.tritonserver import free_port
 from sdmme.spec import MODELS, SCHEDULERS
 
 FAST = {"num_inference_steps": 2}
@@ -197,13 +197,13 @@ def test_client_raises_model_error(client):
 
 
 def test_make_serve_command_serves_the_aws_payload(tiny_repository):
-    """`make serve` runs `python -m deploy.tritonserver`: the same server, in the foreground."""
+    """`make serve` runs `python -m deploy.local.tritonserver`: the same server, in the foreground."""
     ports = [free_port() for _ in range(3)]
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "deploy.tritonserver",
+            "deploy.local.tritonserver",
             "--model-repository",
             str(tiny_repository),
             "--http-port",

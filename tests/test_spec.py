@@ -5,8 +5,8 @@ import re
 import pytest
 from conftest import ROOT
 
-from sdmme import repository
 from sdmme.spec import MODELS, InvalidInput, Param
+from sdmme.tools import repository
 
 
 def test_defaults_are_valid_for_every_model():

@@ -1,5 +1,5 @@
-"""The sync-free denoising loop (sdmme.sync_free), on CPU, for every scheduler gen_args offers and every
-model: the same bytes as diffusers' own schedulers, and no read of the device from the host.
+"""The sync-free denoising loop (sdmme.pipeline.sync_free), on CPU, for every scheduler gen_args offers and
+every model: the same bytes as diffusers' own schedulers, and no read of the device from the host.
 
 There is no GPU here, so "the device" is emulated: the timesteps the loop iterates are a `Device`
 tensor, and so is everything computed from them (the UNet's output, then the latents); a `Device`
@@ -16,8 +16,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from sdmme import batching, pipelines, sync_free, weights
+from sdmme.pipeline import pipelines, sync_free
+from sdmme.serving import batching
 from sdmme.spec import MODELS, SCHEDULERS
+from sdmme.tools import weights
 
 CPU = torch.device("cpu")
 THE_DEVICE = torch.device("cpu", 0)  # CPU memory, but not the host's `cpu`: code that sends to it uploads

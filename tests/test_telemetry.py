@@ -14,10 +14,12 @@ import pytest
 from conftest import ROOT, b64, copy_repository, picture, post, sample_payload
 from test_gpu_settings import with_parameters
 
-from deploy import sagemaker, stats
-from deploy.mme import frontend
-from deploy.tritonserver import TritonServer
-from sdmme import telemetry, weights
+from deploy.aws import sagemaker
+from deploy.local.mme import frontend
+from deploy.local.tritonserver import TritonServer
+from deploy.ops import stats
+from sdmme.serving import telemetry
+from sdmme.tools import weights
 
 SECRET = "a violet lighthouse, code 7781"  # a prompt that must never reach a log unless asked
 BLOCKER_PROMPT = "the blocker's own words: phare à l'aube, 灯台"  # logged: non-ASCII must stay JSON
@@ -245,10 +247,10 @@ def test_metrics_port_on_sagemaker_and_the_local_mme_is_one_setting(tmp_path):
     deploy = subprocess.run(
         dry + ["deploy", "BUCKET=b", "ROLE_ARN=r", "METRICS=1"], cwd=ROOT, capture_output=True, text=True
     )
-    assert "-m deploy.sagemaker deploy" in deploy.stdout and " --metrics" in deploy.stdout, deploy.stdout
+    assert "-m deploy.aws.sagemaker deploy" in deploy.stdout and " --metrics" in deploy.stdout, deploy.stdout
     assert sagemaker.METRICS_ENVIRONMENT[frontend.ALLOW_METRICS] == "true"
     mme = subprocess.run(dry + ["mme", "BUCKET=b", "METRICS=1"], cwd=ROOT, capture_output=True, text=True)
-    assert "-m deploy.mme" in mme.stdout and "--metrics-port 8002" in mme.stdout, mme.stdout
+    assert "-m deploy.local.mme" in mme.stdout and "--metrics-port 8002" in mme.stdout, mme.stdout
     for env, on in (({}, False), ({frontend.ALLOW_METRICS: "true", frontend.METRICS_PORT: "23456"}, True)):
         server = frontend.server(tmp_path / "empty", 18080, tmp_path / "log", env=env)
         try:

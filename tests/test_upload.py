@@ -12,7 +12,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from conftest import ROOT, remove_bucket
 
-from deploy import tarball, upload
+from deploy.aws import tarball, upload
 
 BUCKET, PREFIX = "models", "sd-mme/v1"
 
@@ -88,7 +88,7 @@ def test_make_upload_command_line(s3, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "deploy.upload",
+        "deploy.aws.upload",
         "--bucket",
         BUCKET,
         "--prefix",

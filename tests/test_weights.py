@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sdmme import weights
+from sdmme.tools import weights
 
 
 def digests(folder):
@@ -45,7 +45,7 @@ def hub_shaped(tmp_path_factory):
     (only the variant files, as the mirrors publish) and in full precision only; and a pickled one."""
     import torch
 
-    from sdmme import tiny
+    from sdmme.tools import tiny
 
     root = tmp_path_factory.mktemp("hub")
     pipeline = tiny.sd_base()

@@ -14,11 +14,11 @@ import logging
 import time
 from pathlib import Path
 
-from sdmme import repository
+from sdmme import model_folder
 from sdmme.adapters import FOLDER, files
 from sdmme.spec import InvalidInput, check_adapter_name
 
-log = logging.getLogger("sdmme.weights")
+log = logging.getLogger("sdmme.tools.weights")
 
 
 def add(model_repository: Path, model: str, name: str, source: str, force: bool = False) -> dict:
@@ -27,7 +27,7 @@ def add(model_repository: Path, model: str, name: str, source: str, force: bool 
     start = time.monotonic()
     check_adapter_name(name, "adapter name")
     folder = model_repository / model
-    kinds = repository.models(model_repository)
+    kinds = model_folder.in_repository(model_repository)
     if model not in kinds:
         raise files.AdapterError(f"no model {model} in {model_repository} (there: {', '.join(kinds)})")
     dest = folder / FOLDER / f"{name}.safetensors"

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -184,23 +186,29 @@ def _torch_dtype(safetensors_dtype: Optional[str]) -> torch.dtype:
 
 
 def write(tensors: Dict[str, torch.Tensor], dest: Path, record: dict) -> dict:
-    """`dest` (<name>.safetensors) and its record beside it, the record last: a record means a whole file."""
+    """`dest` (<name>.safetensors) and its record beside it, the record last: a record means a whole file.
+    The file gets the record's mode (safetensors writes 0600, which a server running as another user
+    cannot read)."""
     from safetensors.torch import save_file
 
     partial = dest.with_name(dest.name + ".partial")
     save_file(tensors, str(partial))
     record = {**record, "bytes": partial.stat().st_size, "sha256": sha256(partial)}
+    record_partial = dest.with_name(dest.stem + RECORD + ".partial")
+    record_partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.chmod(partial, stat.S_IMODE(record_partial.stat().st_mode))
     partial.rename(dest)
-    partial = dest.with_name(dest.stem + RECORD + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.rename(dest.with_suffix(RECORD))
+    record_partial.rename(dest.with_suffix(RECORD))
     return record
 
 
 def read(path: Path, record: dict, modules: Dict[str, torch.nn.Module], name: str, where: str) -> Layers:
     """The layers of a canonical adapter file checked against its record and the loaded model's
-    `modules` ({"unet": ..., "text_encoder": ...}); anything else is refused naming the adapter."""
-    from safetensors.torch import load_file
+    `modules` ({"unet": ..., "text_encoder": ...}); anything else is refused naming the adapter.
+
+    The file is read into memory once, and that copy is what is checked and used: a tensor mapped from
+    the file would change (or fault, cut short) when the file is rewritten while the model serves."""
+    from safetensors.torch import load
 
     def refuse(why: str):
         return AdapterError(f"adapter {name} in {where} {why}")
@@ -208,13 +216,15 @@ def read(path: Path, record: dict, modules: Dict[str, torch.nn.Module], name: st
     size = path.stat().st_size
     if size > MAX_BYTES:
         raise refuse(f"is {too_large(size)}")
-    if size != record.get("bytes") or sha256(path) != record.get("sha256"):
+    data = path.read_bytes()
+    if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise refuse(
-            f"is not the file its record describes ({size} bytes; the record says {record.get('bytes')} "
-            "bytes and its sha256): truncated or corrupt; add it again with make adapter and upload it"
+            f"is not the file its record describes ({len(data)} bytes; the record says "
+            f"{record.get('bytes')} bytes and its sha256): truncated or corrupt; add it again with make "
+            "adapter and upload it"
         )
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except Exception as e:
         raise refuse(f"is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
     return layers_of(tensors, modules, refuse)
