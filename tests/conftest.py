@@ -1,19 +1,16 @@
-"""Session fixtures: a copy of model_repository/ with tiny weights, served by a real tritonserver."""
+"""Session fixtures (the default models with tiny weights, a real tritonserver serving them, the packed
+environment, moto), and the two lanes: `make test-fast` runs what needs none of a server, moto, a
+browser or a packed environment; `make test` runs everything. Helpers tests import are in helpers.py.
+"""
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import shutil
+import os
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import ROOT, copy_repository, point_aws_at
 
 from client.triton import TritonClient
 from deploy.aws import package
@@ -22,7 +19,33 @@ from env import build
 from sdmme.spec import MODELS
 from sdmme.tools import weights
 
-ROOT = Path(__file__).resolve().parent.parent
+# What puts a test in the slow lane (`server`): a fixture that starts a tritonserver, moto, a browser or
+# builds the packed environment. A test that starts one itself is marked `server` in its module.
+SLOW_FIXTURES = {"server", "client", "packed_env", "dist", "moto_url", "aws"}
+FAST_LANE = os.environ.get("SDMME_TEST_LANE") == "fast"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_lane_starts_no_server():
+    """In the fast lane, a test that starts tritonserver fails naming the marker it lacks: the lane
+    stays what it says."""
+    if not FAST_LANE:
+        yield
+        return
+    original = TritonServer.__enter__
+
+    def refuse(self):
+        raise AssertionError("this test starts tritonserver: mark it `server` (pytestmark or a marker)")
+
+    TritonServer.__enter__ = refuse
+    yield
+    TritonServer.__enter__ = original
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -31,12 +54,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     if call.when == "call" and outcome.get_result().failed:
         item.failed_call = True
-
-
-def copy_repository(dest: Path) -> Path:
-    """model_repository/ without its weights (a user's real weights never reach the tests)."""
-    shutil.copytree(ROOT / "model_repository", dest, ignore=shutil.ignore_patterns("weights", "__pycache__"))
-    return dest
 
 
 @pytest.fixture(scope="session")
@@ -84,25 +101,6 @@ def moto_url():
     server.stop()
 
 
-def point_aws_at(moto_url: str, patch: pytest.MonkeyPatch) -> None:
-    """AWS settings pointing boto3 at moto (AWS_ENDPOINT_URL, as a user would for a local S3)."""
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto_url,
-    }.items():
-        patch.setenv(key, value)
-
-
-def remove_bucket(s3, bucket: str) -> None:
-    """Delete a bucket and its objects: moto keeps every object's bytes on disk until then."""
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            s3.delete_object(Bucket=bucket, Key=obj["Key"])
-    s3.delete_bucket(Bucket=bucket)
-
-
 @pytest.fixture()
 def aws(moto_url, monkeypatch):
     point_aws_at(moto_url, monkeypatch)
@@ -112,42 +110,3 @@ def aws(moto_url, monkeypatch):
 @pytest.fixture(scope="session")
 def client(server) -> TritonClient:
     return TritonClient(server.url)
-
-
-def picture(width: int, height: int, seed: int = 0, fmt: str = "PNG", mode: str = "RGB") -> bytes:
-    """Encoded image file of random pixels."""
-    rng = np.random.default_rng(seed)
-    shape = (height, width, 3) if mode == "RGB" else (height, width)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def sample_payload(**values: str) -> dict:
-    """The AWS sample's body: every input a BYTES tensor of shape [1, 1]."""
-    return {
-        "inputs": [{"name": k, "shape": [1, 1], "datatype": "BYTES", "data": [v]} for k, v in values.items()]
-    }
-
-
-def post(server, path: str, body: dict) -> tuple:
-    """Raw HTTP POST; returns (status, decoded JSON body)."""
-    request = urllib.request.Request(
-        f"http://{server.url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def get(server, path: str) -> dict:
-    with urllib.request.urlopen(f"http://{server.url}{path}", timeout=30) as response:
-        return json.loads(response.read())

@@ -14,9 +14,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, post, sample_payload
+from helpers import ROOT, post, sample_payload, with_parameters
 from PIL import Image
-from test_gpu_settings import with_parameters
 
 from bench import serving
 from deploy.local.tritonserver import TritonServer, free_port
@@ -24,6 +23,7 @@ from deploy.ops import stats
 from sdmme.adapters import __main__ as make_adapter
 from sdmme.adapters import files
 from sdmme.adapters.fusing import Fuser
+from sdmme.settings import Settings
 from sdmme.spec import MODELS, InvalidInput
 from sdmme.tools import repository, tiny
 
@@ -366,17 +366,14 @@ def test_adapters_swap_on_a_compiled_unet_without_recompiling(served):
     graph reads and recompiles nothing; the images are the eager ones up to rounding."""
     from torch._dynamo.utils import counters
 
-    from sdmme import adapters
-    from sdmme.pipeline import pipelines
+    from sdmme import loader
     from sdmme.serving import batching
 
     folder = served.repository / "base"
-    weights = folder / "1" / "weights"
     runners = {}
     for mode in ("none", "default"):
-        settings = pipelines.Settings(compile=mode)
-        pipeline = pipelines.load(MODELS["sd_base"], weights, torch.device("cpu"), settings)
-        runners[mode] = pipelines.Runner(pipeline, adapters.for_model(folder, settings, pipeline))
+        settings = Settings(compile=mode)
+        runners[mode] = loader.load(MODELS["sd_base"], folder, torch.device("cpu"), settings).runner
 
     def run(mode, lora):
         job = batching.warmup_job(MODELS["sd_base"], 64, steps=2)
@@ -399,7 +396,7 @@ def test_adapters_swap_on_a_compiled_unet_without_recompiling(served):
 @pytest.fixture()
 def s3_store(aws, served, tmp_path):
     """An S3 store on moto holding base's adapters as make upload puts them, with a cache of its own."""
-    from conftest import remove_bucket
+    from helpers import remove_bucket
 
     from deploy.aws import upload
     from sdmme.adapters.store import S3Store
@@ -472,12 +469,17 @@ def test_a_store_that_does_not_answer_fails_its_requests_retryably(tmp_path):
 
 
 def test_adapters_refuse_fused_qkv_however_the_settings_were_made(served):
-    from sdmme import adapters
-    from sdmme.pipeline import pipelines
+    from sdmme.adapters import serving
 
-    with pytest.raises(ValueError, match="fuse_qkv bypasses the to_q, to_k, to_v"):
-        adapters.for_model(served.repository / "base", pipelines.Settings(fuse_qkv=True), pipeline=None)
-    assert adapters.for_model(served.repository / "base", pipelines.Settings(adapters="none"), None) is None
+    for made in (
+        lambda: Settings(fuse_qkv=True),
+        lambda: Settings("CPU").replace(fuse_qkv=True),
+        lambda: Settings.from_parameters({"fuse_qkv": "true"}, "CPU"),
+    ):
+        with pytest.raises(ValueError, match="set adapters to none with it"):
+            made()
+    settings = Settings(fuse_qkv=True, adapters="none")
+    assert serving.for_model(served.repository / "base", settings, None) is None
 
 
 def test_an_adapter_store_is_a_folder_or_s3_nothing_else(tmp_path):

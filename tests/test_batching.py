@@ -6,11 +6,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import b64, picture
+from helpers import b64, picture
 from PIL import Image
 
-from sdmme.pipeline import pipelines
+from sdmme.pipeline.runner import is_out_of_memory
 from sdmme.serving import batching, budget, recovery
+from sdmme.serving.outcomes import Failure
 from sdmme.spec import MODELS, InvalidInput
 
 
@@ -83,7 +84,7 @@ class FakeRunner:
     def free_memory(self):
         self.freed += 1
 
-    is_out_of_memory = staticmethod(pipelines.is_out_of_memory)
+    is_out_of_memory = staticmethod(is_out_of_memory)
 
 
 def test_execute_isolates_a_failing_group_and_splits_images_back():
@@ -94,7 +95,8 @@ def test_execute_isolates_a_failing_group_and_splits_images_back():
         job(2, "c", seed=5),
     ]
     outcomes = {tuple(j.index for j in g): r for g, r in batching.execute(runner, jobs)}
-    assert isinstance(outcomes[(1,)], RuntimeError)
+    failed = outcomes[(1,)]
+    assert isinstance(failed, Failure) and failed.outcome == "internal" and "exploded" in failed.message
     first, third = outcomes[(0, 2)]
     assert [im.getpixel((0, 0))[0] for im in first] == [1, 2] and [
         im.getpixel((0, 0))[0] for im in third
@@ -108,8 +110,9 @@ def test_a_sticky_device_error_fails_every_group_left_without_running_or_cleanin
     outcomes = list(batching.execute(runner, jobs))
     assert len(runner.calls) == 1 and runner.freed == 0  # nothing more runs on a broken device
     assert sorted(j.index for group, _ in outcomes for j in group) == [0, 1, 2]
-    assert all(isinstance(outcome, recovery.Broken) for _, outcome in outcomes)
-    assert "illegal memory access" in str(outcomes[0][1])
+    assert all(isinstance(outcome, Failure) and outcome.broken for _, outcome in outcomes)
+    assert all(outcome.outcome == "unavailable" and outcome.status.value == 503 for _, outcome in outcomes)
+    assert "illegal memory access" in outcomes[0][1].broken and "retry" in outcomes[0][1].message
     assert not recovery.is_sticky(torch.cuda.OutOfMemoryError("CUDA out of memory"))
 
 
@@ -119,17 +122,17 @@ def test_out_of_memory_splits_the_group_before_failing_anyone():
     outcomes = {tuple(j.index for j in g): r for g, r in batching.execute(runner, jobs)}
     # 7 images do not fit: halves of the group are retried until each fits, or is one request too big
     assert [len(c) for c in runner.calls] == [7, 2, 5, 1, 4, 1, 3]
-    failed = {k: isinstance(v, Exception) for k, v in outcomes.items()}
+    failed = {k: isinstance(v, Failure) for k, v in outcomes.items()}
     assert failed == {(0, 1): False, (2,): False, (3,): False, (4,): True}
-    assert pipelines.is_out_of_memory(outcomes[(4,)]) and runner.freed == 4
+    assert outcomes[(4,)].outcome == "out_of_memory" and runner.freed == 4
 
 
 def test_out_of_memory_is_told_apart_from_other_errors():
-    assert pipelines.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
-    assert pipelines.is_out_of_memory(MemoryError())
-    assert pipelines.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
-    assert not pipelines.is_out_of_memory(ValueError("out of memory"))  # a caller's text is not an OOM
-    assert not pipelines.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # a caller's text is not an OOM
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_callers_who_are_gone_cost_nothing():
@@ -137,7 +140,7 @@ def test_callers_who_are_gone_cost_nothing():
     gone, waiting = job(0, "a", seed=1), job(1, "b", seed=2)
     gone.cancelled = lambda: True
     outcomes = list(batching.execute(runner, [gone, waiting]))
-    assert isinstance(outcomes[0][1], batching.Gone) and [j.index for j in outcomes[0][0]] == [0]
+    assert outcomes[0][1].outcome == "cancelled" and [j.index for j in outcomes[0][0]] == [0]
     assert [j.index for j in outcomes[1][0]] == [1] and runner.calls == [["b"]]
 
 
@@ -147,7 +150,8 @@ def test_a_call_stops_between_steps_once_every_caller_is_gone():
     asked = []
     first.cancelled = second.cancelled = lambda: len(asked.append(1) or asked) > 6
     [(group, outcome)] = list(batching.execute(runner, [first, second]))
-    assert isinstance(outcome, batching.Gone) and len(group) == 2 and len(asked) < 20
+    assert outcome.outcome == "cancelled" and len(group) == 2 and len(asked) < 20
+    assert outcome.message == "the caller gave up; the call was stopped"
 
 
 def test_a_group_that_cannot_finish_by_its_deadline_is_answered_at_once():
@@ -156,10 +160,10 @@ def test_a_group_that_cannot_finish_by_its_deadline_is_answered_at_once():
     late.deadline = time.monotonic() + 5
     cost = budget.CostModel(MODELS["sd_base"], rate=4.0)  # about 10 s
     [(group, outcome)] = list(batching.execute(runner, [late], cost=cost))
-    assert isinstance(outcome, batching.TooLate) and runner.calls == []
+    assert outcome.outcome == "busy" and outcome.status.value == 503 and runner.calls == []
     cost.rate = 0.4  # about 1 s
     [(group, outcome)] = list(batching.execute(runner, [late], cost=cost))
-    assert not isinstance(outcome, Exception)
+    assert not isinstance(outcome, Failure)
     assert cost.rate < 0.4  # the best seen: the fake runner took far less
 
 

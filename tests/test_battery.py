@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import b64, post
+from helpers import b64, post
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from bench import gpu, served, serving
 from sdmme.tools import weights

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, picture
+from helpers import ROOT, picture
 from PIL import Image
 
 from client.cli import COMMANDS, build_parser, main

@@ -1,8 +1,9 @@
 """Compile artifacts (sdmme.pipeline.compile_artifacts), on CPU: inductor compiles there too.
-`make compile-cache` builds them for the tiny sd_base; a tritonserver with an empty compile cache of
-its own then loads the model from them and compiles nothing (inductor's counters, in the model's log), and a reload on the
-same instance without them compiles nothing either. A key for another machine and a corrupt file are a
-log line and a normal compile. Timings are not asserted; the GPU's are for `make bench-gpu`.
+`make compile-cache` builds them for the tiny sd_base; a tritonserver with an empty compile cache of its
+own then loads the model from them and compiles nothing (inductor's counters, in the model's log), and a
+reload on the same instance without them compiles nothing either. A key for another machine and a
+corrupt file are a log line and a normal compile. Timings are not asserted; the GPU's are for `make
+bench-gpu`.
 """
 
 import base64
@@ -19,15 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import post, sample_payload
+from helpers import load_pipeline, post, sample_payload, with_parameters
 from PIL import Image
-from test_gpu_settings import with_parameters
 
 from deploy.aws import package
 from deploy.local.tritonserver import TritonServer
-from sdmme.pipeline import compile_artifacts, pipelines
+from sdmme.pipeline import compile_artifacts
+from sdmme.pipeline.runner import Runner
 from sdmme.serving import batching
+from sdmme.settings import Settings
 from sdmme.spec import MODELS
+from sdmme.tools import compile_cache
 
 CPU = torch.device("cpu")
 
@@ -93,9 +96,9 @@ def test_packages_ship_the_artifacts_and_their_manifest_says_which(tiny_reposito
 
 
 def test_parse_shapes():
-    assert compile_artifacts.parse_shapes("512:1,512:8,256") == [(512, 1), (512, 8), (256, 1)]
+    assert compile_cache.parse_shapes("512:1,512:8,256") == [(512, 1), (512, 8), (256, 1)]
     with pytest.raises(SystemExit, match="'big:1' is not SIDE:BATCH"):
-        compile_artifacts.parse_shapes("big:1")
+        compile_cache.parse_shapes("big:1")
 
 
 def graphs_line(log: str) -> list:
@@ -113,7 +116,7 @@ def test_a_cold_load_with_artifacts_compiles_nothing(tiny_repository, tmp_path):
         [
             sys.executable,
             "-m",
-            "sdmme.pipeline.compile_artifacts",
+            "sdmme.tools.compile_cache",
             "--model",
             "sd_base",
             "--repository",
@@ -162,10 +165,8 @@ def test_a_cold_load_with_artifacts_compiles_nothing(tiny_repository, tmp_path):
     first, second = graphs_line(log)
     assert first[0] > 0 and first[1] == 0, first  # everything from the artifacts
     assert second[0] > 0 and second[1] == 0, second  # everything from the instance's own cache
-    eager = pipelines.Runner(
-        pipelines.load(
-            MODELS["sd_base"], repository / "sd_base" / "1" / "weights", CPU, pipelines.CPU_DEFAULTS
-        )
+    eager = Runner(
+        load_pipeline(MODELS["sd_base"], repository / "sd_base" / "1" / "weights", CPU, Settings("CPU"))
     )
     job = batching.parse(
         MODELS["sd_base"],

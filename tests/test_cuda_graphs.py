@@ -9,16 +9,19 @@ import logging
 
 import pytest
 import torch
+from helpers import load_pipeline
 
 from bench.loras import write_adapter
-from sdmme import adapters
-from sdmme.pipeline import cuda_graphs, pipelines
+from sdmme import loader
+from sdmme.pipeline import cuda_graphs
+from sdmme.pipeline.runner import Runner
 from sdmme.serving import batching
+from sdmme.settings import Settings
 from sdmme.spec import MODELS
 from sdmme.tools import weights
 
 CPU = torch.device("cpu")
-GRAPHS = dataclasses.replace(pipelines.CPU_DEFAULTS, cuda_graphs=True, adapters="none")
+GRAPHS = Settings("CPU", cuda_graphs=True, adapters="none")
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,13 @@ def image(runner, job):
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_graphs_replay_every_model_with_the_eager_image(folders, model, caplog):
-    eager = pipelines.Runner(pipelines.load(MODELS[model], folders[model], CPU, pipelines.CPU_DEFAULTS))
+    eager = Runner(load_pipeline(MODELS[model], folders[model], CPU, Settings("CPU")))
     with caplog.at_level(logging.INFO, logger="sdmme"):
-        pipeline = pipelines.load(MODELS[model], folders[model], CPU, GRAPHS)
+        pipeline = load_pipeline(MODELS[model], folders[model], CPU, GRAPHS)
     assert "cuda_graphs: up to 8 (no CUDA here: plain calls stand in for graphs)" in caplog.text
     graphs = cuda_graphs.of(pipeline.unet)
     assert graphs is not None and graphs.unet is pipeline.unet
-    runner = pipelines.Runner(pipeline, sync_free=True)
+    runner = Runner(pipeline, sync_free=True)
     job = request(model)
     assert image(runner, job).tobytes() == image(eager, job).tobytes()
     steps = graphs.counts["eager"] + graphs.counts["replayed"]
@@ -58,10 +61,10 @@ def test_graphs_replay_every_model_with_the_eager_image(folders, model, caplog):
 
 
 def test_one_graph_per_signature_the_least_recently_used_dropped(folders, caplog):
-    settings = dataclasses.replace(GRAPHS, max_cuda_graphs=2)
-    pipeline = pipelines.load(MODELS["sd_base"], folders["sd_base"], CPU, settings)
+    settings = GRAPHS.replace(max_cuda_graphs=2)
+    pipeline = load_pipeline(MODELS["sd_base"], folders["sd_base"], CPU, settings)
     graphs = cuda_graphs.of(pipeline.unet)
-    runner = pipelines.Runner(pipeline, sync_free=True)
+    runner = Runner(pipeline, sync_free=True)
     with caplog.at_level(logging.INFO, logger="sdmme"):
         for side in (64, 128, 64, 96):  # 64 used again before 96 comes: 128 is the one dropped
             image(runner, request("sd_base", side))
@@ -77,9 +80,9 @@ def test_one_graph_per_signature_the_least_recently_used_dropped(folders, caplog
 
 
 def test_weights_moved_to_new_memory_drop_the_graphs(folders, caplog):
-    pipeline = pipelines.load(MODELS["sd_base"], folders["sd_base"], CPU, GRAPHS)
+    pipeline = load_pipeline(MODELS["sd_base"], folders["sd_base"], CPU, GRAPHS)
     graphs = cuda_graphs.of(pipeline.unet)
-    runner = pipelines.Runner(pipeline, sync_free=True)
+    runner = Runner(pipeline, sync_free=True)
     job = request("sd_base")
     image(runner, job)
     with torch.no_grad():
@@ -102,13 +105,13 @@ def test_adapters_fused_in_place_keep_the_graphs(folders, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     write_adapter(folder, store / "ink.safetensors", 2, 1)
-    settings = dataclasses.replace(GRAPHS, adapters=str(store))
-    pipeline = pipelines.load(MODELS["sd_base"], folder, CPU, settings)
-    runner = pipelines.Runner(pipeline, adapters.for_model(folder.parent.parent, settings, pipeline), True)
-    plain_settings = dataclasses.replace(pipelines.CPU_DEFAULTS, adapters=str(store))
-    plain = pipelines.load(MODELS["sd_base"], folder, CPU, plain_settings)
-    eager = pipelines.Runner(plain, adapters.for_model(folder.parent.parent, plain_settings, plain), True)
-    graphs = cuda_graphs.of(pipeline.unet)
+    runner = loader.load(
+        MODELS["sd_base"], folder.parent.parent, CPU, GRAPHS.replace(adapters=str(store))
+    ).runner
+    eager = loader.load(
+        MODELS["sd_base"], folder.parent.parent, CPU, Settings("CPU", adapters=str(store))
+    ).runner
+    graphs = cuda_graphs.of(runner.pipeline.unet)
     job = request("sd_base")
     inked = dataclasses.replace(job, args={**job.args, "lora": (("ink", 1.0),)})
     base = image(runner, job)
@@ -119,8 +122,8 @@ def test_adapters_fused_in_place_keep_the_graphs(folders, tmp_path):
 
 
 def test_a_capture_that_fails_leaves_that_signature_eager(folders, caplog):
-    pipeline = pipelines.load(MODELS["sd_base"], folders["sd_base"], CPU, pipelines.CPU_DEFAULTS)
-    expected = image(pipelines.Runner(pipeline), request("sd_base"))
+    pipeline = load_pipeline(MODELS["sd_base"], folders["sd_base"], CPU, Settings("CPU"))
+    expected = image(Runner(pipeline), request("sd_base"))
 
     def failing(forward, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -128,7 +131,7 @@ def test_a_capture_that_fails_leaves_that_signature_eager(folders, caplog):
     graphs = cuda_graphs.GraphedUNet(pipeline.unet, 8, capture=failing).install()
     calls = []
     pipeline.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    runner = pipelines.Runner(pipeline, sync_free=True)
+    runner = Runner(pipeline, sync_free=True)
     with caplog.at_level(logging.INFO, logger="sdmme"):
         assert image(runner, request("sd_base")).tobytes() == expected.tobytes()
         image(runner, request("sd_base"))
@@ -137,7 +140,7 @@ def test_a_capture_that_fails_leaves_that_signature_eager(folders, caplog):
 
 
 def test_calls_a_graph_cannot_take_run_eagerly(folders):
-    pipeline = pipelines.load(MODELS["sd_base"], folders["sd_base"], CPU, GRAPHS)
+    pipeline = load_pipeline(MODELS["sd_base"], folders["sd_base"], CPU, GRAPHS)
     graphs = cuda_graphs.of(pipeline.unet)
     sample = torch.zeros(1, 4, 8, 8)
     context = torch.zeros(1, 77, pipeline.unet.config.cross_attention_dim)
@@ -152,6 +155,6 @@ def test_calls_a_graph_cannot_take_run_eagerly(folders):
 
 def test_cuda_graphs_cannot_go_with_compile():
     with pytest.raises(ValueError, match="cuda_graphs captures the eager UNet; compile makes its own"):
-        pipelines.Settings.from_parameters({"cuda_graphs": "true", "compile": "default"}, GRAPHS)
-    parsed = pipelines.Settings.from_parameters({"cuda_graphs": "true", "max_cuda_graphs": "3"}, GRAPHS)
+        Settings.from_parameters({"cuda_graphs": "true", "compile": "default"}, "CPU")
+    parsed = Settings.from_parameters({"cuda_graphs": "true", "max_cuda_graphs": "3"}, "CPU")
     assert parsed.cuda_graphs and parsed.max_cuda_graphs == 3

@@ -7,7 +7,7 @@ import time
 
 import boto3
 import pytest
-from conftest import ROOT, remove_bucket
+from helpers import ROOT, remove_bucket
 
 from deploy.aws import containers, sagemaker, upload
 from deploy.aws.upload import ENV_KEY, PYTHON_KEY, SHA_KEY

@@ -12,10 +12,11 @@ import shutil
 
 import pytest
 import torch
-from test_gpu_settings import small_job
+from helpers import load_pipeline, small_job
 
-from sdmme.pipeline import pipelines
+from sdmme.pipeline.runner import Runner
 from sdmme.serving import batching
+from sdmme.settings import Settings
 from sdmme.spec import MODELS
 from sdmme.tools import weights
 
@@ -39,14 +40,14 @@ def test_full_size_model_runs_through_the_runtime(model, tmp_path):
     folder = weights.fill(tmp_path, model, "full")
     for component, published in PUBLISHED_GB[model].items():
         assert size_gb(folder / component) == pytest.approx(published, rel=0.03), component
-    pipeline = pipelines.load(MODELS[model], folder, torch.device("cpu"), pipelines.CPU_DEFAULTS)
+    pipeline = load_pipeline(MODELS[model], folder, torch.device("cpu"), Settings("CPU"))
     assert pipeline.unet.dtype == torch.float32
     assert pipeline.unet.config.use_linear_projection and pipeline.text_encoder.config.hidden_size == 1024
     if model == "sd_depth":
         assert pipeline.depth_estimator.config.is_hybrid
     if model == "sd_upscale":
         assert len(pipeline.unet.down_blocks) == 4 and pipeline.vae.config.scaling_factor == 0.08333
-    runner = pipelines.Runner(pipeline)
+    runner = Runner(pipeline)
     assert runner.min_image_side == (8 if model == "sd_upscale" else 64)  # one latent cell, deepest level
     [[image]] = batching.run(runner, [small_job(model, steps=2)])
     assert image.size == ((128, 128) if model == "sd_upscale" else (64, 64))

@@ -15,23 +15,23 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, b64, picture, post, sample_payload
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+from helpers import ROOT, b64, picture, post, sample_payload, small_job, with_parameters
 
 from deploy.local.tritonserver import TritonServer
-from sdmme.pipeline import pipelines
+from sdmme import loader
+from sdmme.pipeline import speed
 from sdmme.serving import batching
+from sdmme.settings import Settings
 from sdmme.spec import MODELS
-from sdmme.tools import weights
-from sdmme.tools.repository import parameters_text
 
 CPU = torch.device("cpu")
-ALL_ON = pipelines.Settings(dtype="float16", channels_last=True, fuse_qkv=True, vae_tiling=True)
+ALL_ON = Settings(dtype="float16", channels_last=True, fuse_qkv=True, vae_tiling=True, adapters="none")
 
 
-def small_job(model: str, steps: int = 1) -> batching.Job:
-    """The warm-up request at the smallest size, `steps` denoising steps."""
-    return batching.warmup_job(MODELS[model], 32 if model == "sd_upscale" else 64, steps)
+def load(repository, model: str, settings: Settings):
+    """The model of that kind in `repository` on CPU with `settings`, through the one loader."""
+    return loader.load(MODELS[model], repository / model, CPU, settings)
 
 
 def processors(module) -> set:
@@ -39,23 +39,23 @@ def processors(module) -> set:
 
 
 def test_device_defaults():
-    device, settings = pipelines.device_for("GPU", "1")
-    assert device == torch.device("cuda:1") and settings.torch_dtype(device) == torch.float16
+    device, settings = loader.device_for("GPU", "1"), Settings("GPU")
+    assert device == torch.device("cuda:1") and speed.torch_dtype(settings, device) == torch.float16
     assert settings.attention == "sdpa" and settings.vae_slicing and settings.compile == "none"
     assert not settings.sync_free and not settings.cuda_graphs  # until a GPU has measured them
-    device, settings = pipelines.device_for("CPU", "0")
-    assert device == CPU and settings.torch_dtype(device) == torch.float32
+    device, settings = loader.device_for("CPU", "0"), Settings("CPU")
+    assert device == CPU and speed.torch_dtype(settings, device) == torch.float32
     assert settings.sync_free and not settings.cuda_graphs
 
 
 def test_settings_from_config_parameters():
-    base = pipelines.GPU_DEFAULTS
-    parsed = pipelines.Settings.from_parameters(
-        {"channels_last": "TRUE", "compile": "max-autotune", "EXECUTION_ENV_PATH": "$$X/env"}, base
+    base = Settings("GPU")
+    parsed = Settings.from_parameters(
+        {"channels_last": "TRUE", "compile": "max-autotune", "EXECUTION_ENV_PATH": "$$X/env"}, "GPU"
     )
     assert parsed.channels_last and parsed.compile == "max-autotune" and parsed.attention == base.attention
-    assert pipelines.Settings.from_parameters({"time_budget_s": "12.5"}, base).time_budget_s == 12.5
-    parsed = pipelines.Settings.from_parameters({"adapters": "s3://b/p/", "max_adapters": "3"}, base)
+    assert Settings.from_parameters({"time_budget_s": "12.5"}, "GPU").time_budget_s == 12.5
+    parsed = Settings.from_parameters({"adapters": "s3://b/p/", "max_adapters": "3"}, "GPU")
     assert parsed.adapters == "s3://b/p/" and parsed.max_adapters == 3
     for parameters, message in [
         ({"attention": "flash"}, "attention='flash' is not one of sdpa, xformers"),
@@ -73,40 +73,36 @@ def test_settings_from_config_parameters():
         ({"time_budget_s": "nan"}, "time_budget_s must be 0 or more"),
     ]:
         with pytest.raises(ValueError, match=message):
-            pipelines.Settings.from_parameters(parameters, base)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tiny_repository):
-    return {model: weights.weights_dir(tiny_repository, model) for model in MODELS}
+            Settings.from_parameters(parameters, "GPU")
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_every_setting_takes_effect_and_fp16_runs(tiny_weights, model):
-    pipeline = pipelines.load(MODELS[model], tiny_weights[model], CPU, ALL_ON)
+def test_every_setting_takes_effect_and_fp16_runs(tiny_repository, model):
+    loaded = load(tiny_repository, model, ALL_ON)
+    pipeline = loaded.pipeline
     assert pipeline.unet.dtype == torch.float16 and pipeline.text_encoder.dtype == torch.float16
     assert processors(pipeline.unet) == {FusedAttnProcessor2_0}
     assert processors(pipeline.vae) == {FusedAttnProcessor2_0}
     assert pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipeline.vae.use_slicing and pipeline.vae.use_tiling
-    [[image]] = batching.run(pipelines.Runner(pipeline), [small_job(model)])
+    [[image]] = batching.run(loaded.runner, [small_job(model)])
     assert image.size == ((128, 128) if model == "sd_upscale" else (64, 64))
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_gpu_defaults_in_fp16(tiny_weights, model):
-    settings = pipelines.Settings.from_parameters({"dtype": "float16"}, pipelines.GPU_DEFAULTS)
-    pipeline = pipelines.load(MODELS[model], tiny_weights[model], CPU, settings)
+def test_gpu_defaults_in_fp16(tiny_repository, model):
+    loaded = load(tiny_repository, model, Settings.from_parameters({"dtype": "float16"}, "GPU"))
+    pipeline = loaded.pipeline
     assert pipeline.unet.dtype == torch.float16
     assert processors(pipeline.unet) == {AttnProcessor2_0}
     assert pipeline.vae.use_slicing and not pipeline.vae.use_tiling
-    [[image]] = batching.run(pipelines.Runner(pipeline), [small_job(model)])
+    [[image]] = batching.run(loaded.runner, [small_job(model)])
     # random tiny weights can overflow fp16 (shared/FACTS.md): judge by shape, not by pixels
     assert image.mode == "RGB" and image.size[0] in (64, 128)
 
 
-def test_unusable_xformers_falls_back_to_sdpa(tiny_weights, tmp_path):
+def test_unusable_xformers_falls_back_to_sdpa(tiny_repository, tmp_path):
     """An installed xformers that cannot run here (no GPU, wrong build) must not fail the load."""
     site = tmp_path / "site"
     (site / "xformers").mkdir(parents=True)
@@ -123,13 +119,14 @@ def test_unusable_xformers_falls_back_to_sdpa(tiny_weights, tmp_path):
         import logging, torch
         from pathlib import Path
         from diffusers.utils import is_xformers_available
-        from sdmme.pipeline import pipelines
+        from sdmme import loader
+        from sdmme.settings import Settings
         from sdmme.spec import MODELS
         logging.basicConfig(level=logging.INFO)
         assert is_xformers_available()
-        settings = pipelines.Settings(attention="xformers")
-        weights = Path({str(tiny_weights["sd_base"])!r})
-        pipeline = pipelines.load(MODELS["sd_base"], weights, torch.device("cpu"), settings)
+        folder = Path({str(tiny_repository / "sd_base")!r})
+        loaded = loader.load(MODELS["sd_base"], folder, torch.device("cpu"), Settings(attention="xformers"))
+        pipeline = loaded.pipeline
         print("processors:", sorted({{type(p).__name__ for p in pipeline.unet.attn_processors.values()}}))
         """
     )
@@ -143,24 +140,16 @@ def test_unusable_xformers_falls_back_to_sdpa(tiny_weights, tmp_path):
     assert "attention: sdpa" in result.stderr
 
 
-def test_compile_option_compiles_the_unet_and_keeps_the_image(tiny_weights):
+def test_compile_option_compiles_the_unet_and_keeps_the_image(tiny_repository):
     """torch.compile (inductor; on CPU it needs a C compiler) gives the eager image up to rounding."""
-    eager = pipelines.Runner(
-        pipelines.load(MODELS["sd_base"], tiny_weights["sd_base"], CPU, pipelines.Settings())
-    )
-    compiled_settings = pipelines.Settings(compile="default")
-    pipeline = pipelines.load(MODELS["sd_base"], tiny_weights["sd_base"], CPU, compiled_settings)
-    assert pipeline.unet._compiled_call_impl is not None  # nn.Module.compile, in place
+    eager = load(tiny_repository, "sd_base", Settings()).runner
+    compiled = load(tiny_repository, "sd_base", Settings(compile="default"))
+    assert compiled.pipeline.unet._compiled_call_impl is not None  # nn.Module.compile, in place
     job = small_job("sd_base", steps=2)
     [[expected]] = batching.run(eager, [job])
-    [[image]] = batching.run(pipelines.Runner(pipeline), [job])
+    [[image]] = batching.run(compiled.runner, [job])
     difference = np.abs(np.asarray(expected, dtype=np.int16) - np.asarray(image, dtype=np.int16))
     assert difference.max() <= 2
-
-
-def with_parameters(folder, parameters: dict) -> None:
-    config = folder / "config.pbtxt"
-    config.write_text(config.read_text() + parameters_text(parameters))
 
 
 def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tmp_path):
@@ -178,9 +167,6 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
     )
     shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")
     with_parameters(repository / "sd_base", {"attention": "flash"})
-    shutil.copytree(tiny_repository / "sd_upscale", repository / "sd_upscale")
-    config = repository / "sd_upscale" / "config.pbtxt"
-    config.write_text(config.read_text().replace('{ name: "image" data_type: TYPE_STRING dims: [ 1 ] },', ""))
     shutil.copytree(tiny_repository / "sd_inpaint", repository / "sd_inpaint")
     config = repository / "sd_inpaint" / "config.pbtxt"
     config.write_text(config.read_text().replace('key: "kind"', 'key: "sort"'))
@@ -195,9 +181,6 @@ def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tm
         assert status == 200 and body["outputs"][0]["shape"] == [1, 1], body
         status, body = post(server, "/v2/repository/models/sd_base/load", {})
         assert status == 400 and "config.pbtxt parameter attention='flash' is not one of" in body["error"]
-        status, body = post(server, "/v2/repository/models/sd_upscale/load", {})
-        assert status == 400 and "disagrees with the sd_upscale spec" in body["error"]
-        assert "input image is missing" in body["error"]
         status, body = post(server, "/v2/repository/models/sd_inpaint/load", {})
         assert status == 400 and "config.pbtxt of sd_inpaint must declare its kind, one of" in body["error"]
     log = log_file.read_text()

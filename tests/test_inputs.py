@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import b64, picture, post, sample_payload
+from helpers import b64, picture, post, sample_payload
 from PIL import Image
 
 from sdmme.serving import images

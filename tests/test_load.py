@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import b64, picture, post, sample_payload
-from test_gpu_settings import with_parameters
+from helpers import b64, picture, post, sample_payload, with_parameters
 
 from bench import serving
 from deploy.local.tritonserver import TritonServer

@@ -22,9 +22,17 @@ import numpy as np
 import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
-from conftest import b64, copy_repository, picture, point_aws_at, remove_bucket, sample_payload
+from helpers import (
+    RECOVERY_TARGET_S,
+    Traffic,
+    b64,
+    copy_repository,
+    picture,
+    point_aws_at,
+    remove_bucket,
+    sample_payload,
+)
 from PIL import Image
-from test_recovery import RECOVERY_TARGET_S, Traffic
 
 from client import EndpointClient
 from client.base import binary_request, request_body

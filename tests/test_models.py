@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdmme import model_folder
 from sdmme.tools import checkpoints, repository, tiny
 from sdmme.tools.checkpoints import CheckpointError
 
@@ -53,7 +54,7 @@ def test_single_file_becomes_a_model_with_exactly_its_weights(files, repo, layou
     record = json.loads((folder / "1" / "weights" / "source.json").read_text())
     assert record["kind"] == "sd_base" and record["format"] == "single-file" and record["family"] == family
     config = (folder / "config.pbtxt").read_text()
-    assert config.startswith('name: "my_style"') and repository.kind_in(config) == "sd_base"
+    assert config.startswith('name: "my_style"') and model_folder.kind_in(config) == "sd_base"
     assert (folder / "1" / "model.py").read_text() == (repo / "sd_base" / "1" / "model.py").read_text()
     assert model_folder.in_repository(repo)["my_style"] == "sd_base"
     assert not list(repo.glob(".*partial"))

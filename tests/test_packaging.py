@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, post, sample_payload
+from helpers import ROOT, post, sample_payload
 
 from deploy.aws import package, tarball
 from deploy.local.tritonserver import TritonServer

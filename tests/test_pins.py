@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 from packaging.requirements import Requirement
 
 from deploy.aws import containers

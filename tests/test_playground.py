@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, picture
+from helpers import ROOT, picture
 from PIL import Image
 
 from client import playground

@@ -7,19 +7,16 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 
 import pytest
-from conftest import b64, picture, post, sample_payload
-from test_gpu_settings import with_parameters
+from helpers import RECOVERY_TARGET_S, Traffic, b64, picture, post, sample_payload, wait_for, with_parameters
 
 from deploy.local.tritonserver import TritonServer
 from sdmme.serving import recovery
 
 FAST = json.dumps({"num_inference_steps": 2, "height": 64, "width": 64})
 UPSCALE = json.dumps({"num_inference_steps": 2})
-RECOVERY_TARGET_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -61,43 +58,6 @@ def request(server, model):
     return status, answer.get("error", "")
 
 
-class Traffic:
-    """One client per model sending requests back to back through `send(model) -> (status, error)`;
-    every answer recorded with its time."""
-
-    def __init__(self, send, models):
-        self.send, self.answers, self.stop = send, {m: [] for m in models}, threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(m,)) for m in models]
-
-    def _run(self, model):
-        while not self.stop.is_set():
-            sent = time.monotonic()
-            status, error = self.send(model)
-            self.answers[model].append((sent, time.monotonic(), status, error))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=120)
-        assert not any(t.is_alive() for t in self.threads), "a request got no answer"
-
-    def served_again(self, model, since, timeout):
-        """Seconds from `since` to the end of the first 200 of a request sent after it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for sent, done, status, _ in list(self.answers[model]):
-                if sent > since and status == 200:
-                    return done - since
-            time.sleep(0.1)
-        raise AssertionError(f"{model} did not serve again within {timeout:.0f}s: {self.answers[model][-3:]}")
-
-
 def load_seconds(server, model):
     """The longest load of `model` the log reports (initialize(), after the process started)."""
     found = re.findall(rf"{model} \({model}\): ready in ([\d.]+)s", server.log.read_text())
@@ -111,15 +71,6 @@ def entry(server, model):
         if record["name"] == model:
             return record
     return None
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}")
 
 
 def test_a_killed_model_process_is_reloaded_while_the_other_model_serves(served):

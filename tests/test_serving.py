@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, b64, picture, post, sample_payload
+from helpers import ROOT, b64, picture, post, sample_payload
 from PIL import Image
 
 from bench import serving

@@ -14,10 +14,13 @@ GPU, `make bench-gpu` checks the same span with `torch.cuda.set_sync_debug_mode`
 
 import pytest
 import torch
+from helpers import load_pipeline
 from torch.overrides import TorchFunctionMode
 
-from sdmme.pipeline import pipelines, sync_free
+from sdmme.pipeline import sync_free
+from sdmme.pipeline.runner import Runner
 from sdmme.serving import batching
+from sdmme.settings import Settings
 from sdmme.spec import MODELS, SCHEDULERS
 from sdmme.tools import weights
 
@@ -128,7 +131,7 @@ def pipes(tmp_path_factory):
     loaded = {}
     for model in MODELS:
         folder = weights.fill(root, model, "tiny")
-        loaded[model] = pipelines.load(MODELS[model], folder, CPU, pipelines.CPU_DEFAULTS)
+        loaded[model] = load_pipeline(MODELS[model], folder, CPU, Settings("CPU"))
     return loaded
 
 
@@ -149,7 +152,7 @@ def run(pipeline, job, sync_free_loop: bool, detector=None):
 
 
 def _run(pipeline, job, sync_free_loop: bool, detector):
-    runner = pipelines.Runner(pipeline, sync_free=sync_free_loop)
+    runner = Runner(pipeline, sync_free=sync_free_loop)
     scheduler = runner.scheduler(job.args["scheduler"])
     if detector is None:
         [[image]] = batching.run(runner, [job])
@@ -226,10 +229,10 @@ def test_detector_sees_each_kind_of_host_read():
 
 def test_every_offered_scheduler_runs_sync_free(pipes):
     """No scheduler gen_args offers falls back to diffusers' loop: each is one HostScheduler knows."""
-    runner = pipelines.Runner(pipes["sd_base"], sync_free=True)
+    runner = Runner(pipes["sd_base"], sync_free=True)
     for name in SCHEDULERS:
         assert isinstance(runner.scheduler(name), sync_free.HostScheduler), name
-    assert not isinstance(pipelines.Runner(pipes["sd_base"]).scheduler("ddim"), sync_free.HostScheduler)
+    assert not isinstance(Runner(pipes["sd_base"]).scheduler("ddim"), sync_free.HostScheduler)
 
 
 def test_a_scheduler_it_does_not_know_runs_as_diffusers_wrote_it(pipes, caplog):
@@ -259,8 +262,8 @@ def test_uploads_do_not_wait_and_solves_do_not_check():
 def test_no_host_sync_on_a_gpu(tmp_path):
     device = torch.device("cuda")
     folder = weights.fill(tmp_path, "sd_base", "tiny")
-    pipeline = pipelines.load(MODELS["sd_base"], folder, device, pipelines.Settings(sync_free=True))
-    runner = pipelines.Runner(pipeline, sync_free=True)
+    pipeline = load_pipeline(MODELS["sd_base"], folder, device, Settings(sync_free=True))
+    runner = Runner(pipeline, sync_free=True)
     for name in SCHEDULERS:
         with sync_free.during_loop(
             pipeline,

@@ -11,14 +11,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, b64, copy_repository, picture, post, sample_payload
-from test_gpu_settings import with_parameters
+from helpers import ROOT, b64, copy_repository, picture, post, sample_payload, with_parameters
 
 from deploy.aws import sagemaker
 from deploy.local.mme import frontend
 from deploy.local.tritonserver import TritonServer
 from deploy.ops import stats
-from sdmme.serving import telemetry
+from sdmme.serving import outcomes, telemetry
 from sdmme.tools import weights
 
 SECRET = "a violet lighthouse, code 7781"  # a prompt that must never reach a log unless asked
@@ -176,7 +175,7 @@ def test_every_request_wrote_one_line_with_its_fields_and_no_prompt(observed):
     by_id = {line["id"]: line for line in lines}
     for line in lines:
         assert FIELDS <= set(line), line
-        assert line["outcome"] in telemetry.OUTCOMES
+        assert line["outcome"] in outcomes.OUTCOMES
         assert line["model"] == MODEL_OF[line["id"].split("-")[0]], line
         if line["outcome"] == "ok":
             assert RAN <= set(line) and line["error"] is None

@@ -10,7 +10,7 @@ import tarfile
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
-from conftest import ROOT, remove_bucket
+from helpers import ROOT, remove_bucket
 
 from deploy.aws import tarball, upload
 

@@ -19,9 +19,9 @@ compiles nothing the second time, with or without artifacts.
     make compile-cache MODEL=sd_base [SHAPES=512:1,512:8]
 
 (sdmme/tools/compile_cache.py) loads the model with its config.pbtxt's compile setting on this machine's
-GPU (CPU without one), runs each SIDE:BATCH (default: the warm-up's size at batch 1 and at the
-largest batch a call makes) and writes `model_repository/<model>/1/compile/<mode>-<key>.torchcache` with its record `.json` (key,
-shapes, bytes, sha256). `make package` ships them; `make models` lists them.
+GPU (CPU without one), runs each SIDE:BATCH (default: the warm-up's size at batch 1 and at the largest
+batch a call makes) and writes `model_repository/<model>/1/compile/<mode>-<key>.torchcache` with its
+record `.json` (key, shapes, bytes, sha256). `make package` ships them; `make models` lists them.
 
 An artifact is compiled code (kernels, and torch's pickle around them): like model.py it is trusted
 because the operator built it, and the archive ships it although it ships no pickled weights. The

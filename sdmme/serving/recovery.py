@@ -52,13 +52,9 @@ SELF_RELOAD_GRACE = 3  # watchdog intervals a broken model leaves its siblings t
 RETRY_AFTER_S = 30.0  # a failed reload is tried again after this long
 
 
-class Broken(Exception):
-    """This model cannot serve any more (a sticky device error); it is being reloaded."""
-
-
 def is_sticky(error: BaseException) -> bool:
     text = str(error)
-    return isinstance(error, (RuntimeError, Broken)) and any(s in text for s in STICKY_ERRORS)
+    return isinstance(error, RuntimeError) and any(s in text for s in STICKY_ERRORS)
 
 
 class FaultHook:
