@@ -11,7 +11,7 @@ TRITON_IMAGE ?= nvcr.io/nvidia/tritonserver:25.04-py3
 # The default models' folders: config.pbtxt written from the spec (again when it changes) and tiny weights.
 WEIGHT_FILES := $(foreach m,sd_base sd_depth sd_inpaint sd_upscale,model_repository/$(m)/1/weights/model_index.json model_repository/$(m)/config.pbtxt)
 
-.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters stats playground browser clean
+.PHONY: FORCE venv lock weights weights-full weights-hub model adapter compile-cache models serve serve-docker demo test test-fast test-full lint docs env package package-slim image upload mme deploy teardown iam-policy bench bench-gpu bench-coldstart bench-adapters stats playground browser clean
 
 # TORCH as a file that changes only when TORCH does: `make venv TORCH=...` installs the torch asked for.
 venv: $(VENV)/.installed
@@ -86,6 +86,11 @@ browser:
 
 test: venv browser
 	$(PY) -m pytest
+
+# The lane to run after each change (docs/development.md): no tritonserver, moto, browser or packed
+# environment, nothing that compiles for minutes; under 5 minutes on 2 cores.
+test-fast: venv
+	SDMME_TEST_LANE=fast $(PY) -m pytest -m "not server and not slow and not full"
 
 # Only the four real architectures at full size on CPU (random weights; about 2 minutes, 6 GB of memory).
 test-full: venv

@@ -124,7 +124,7 @@ def rows(
                 build = _python(
                     [
                         "-m",
-                        "sdmme.pipeline.compile_artifacts",
+                        "sdmme.tools.compile_cache",
                         "--model",
                         "sd_base",
                         "--repository",

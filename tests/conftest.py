@@ -20,8 +20,9 @@ from sdmme.spec import MODELS
 from sdmme.tools import weights
 
 # What puts a test in the slow lane (`server`): a fixture that starts a tritonserver, moto, a browser or
-# builds the packed environment. A test that starts one itself is marked `server` in its module.
-SLOW_FIXTURES = {"server", "client", "packed_env", "dist", "moto_url", "aws"}
+# builds the packed environment. A test that starts one itself is marked `server`; one that needs none
+# but compiles with inductor for a minute or more on 2 cores is marked `slow`.
+SLOW_FIXTURES = {"server", "client", "packed_env", "dist", "moto_url", "aws", "served", "observed", "limited"}
 FAST_LANE = os.environ.get("SDMME_TEST_LANE") == "fast"
 
 

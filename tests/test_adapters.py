@@ -20,6 +20,7 @@ from PIL import Image
 from bench import serving
 from deploy.local.tritonserver import TritonServer, free_port
 from deploy.ops import stats
+from sdmme import model_folder
 from sdmme.adapters import __main__ as make_adapter
 from sdmme.adapters import files
 from sdmme.adapters.fusing import Fuser
@@ -49,11 +50,7 @@ def served(loras, tmp_path_factory):
     ink, sun and kohya_te; `fused`: the same model with ink fused by `make model LORA=`; `plain`: adapters
     off. One tritonserver for the module."""
     repo = tmp_path_factory.mktemp("adapters") / "model_repository"
-    shutil.copytree(
-        ROOT / "model_repository" / "sd_base", repo / "sd_base", ignore=shutil.ignore_patterns("1")
-    )
-    (repo / "sd_base" / "1").mkdir()
-    shutil.copy2(ROOT / "model_repository" / "sd_base" / "1" / "model.py", repo / "sd_base" / "1")
+    model_folder.write(repo / "sd_base", "sd_base")
     base = str(loras / "base")
     repository.add(repo, "base", "sd_base", base)
     repository.add(repo, "fused", "sd_base", base, lora=str(loras / "ink" / "lora.safetensors"))
@@ -270,11 +267,7 @@ def test_a_model_with_adapters_off_says_so(served):
 
 def test_make_adapter_checks_before_writing(loras, tmp_path):
     repo = tmp_path / "model_repository"
-    shutil.copytree(
-        ROOT / "model_repository" / "sd_base", repo / "sd_base", ignore=shutil.ignore_patterns("1")
-    )
-    (repo / "sd_base" / "1").mkdir()
-    shutil.copy2(ROOT / "model_repository" / "sd_base" / "1" / "model.py", repo / "sd_base" / "1")
+    model_folder.write(repo / "sd_base", "sd_base")
     repository.add(repo, "mine", "sd_base", str(loras / "base"))
     (tmp_path / "lora.ckpt").write_bytes(b"never read")
     for name, source, message in [
@@ -361,6 +354,7 @@ def test_the_lora_gen_args_are_declared_once():
             spec.validate_args(given)
 
 
+@pytest.mark.slow
 def test_adapters_swap_on_a_compiled_unet_without_recompiling(served):
     """compile (inductor, on CPU here) with adapters: fused in place, so a swap changes weights the compiled
     graph reads and recompiles nothing; the images are the eager ones up to rounding."""
@@ -452,8 +446,7 @@ def test_a_store_that_does_not_answer_fails_its_requests_retryably(tmp_path):
     from botocore.config import Config
 
     from deploy.local.tritonserver import free_port
-    from sdmme.adapters import StoreError
-    from sdmme.adapters.store import S3Store
+    from sdmme.adapters.store import S3Store, StoreError
 
     closed = boto3.client(
         "s3",

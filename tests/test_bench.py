@@ -43,6 +43,7 @@ def device_script(step, tmp_path, args, expect=0, wheels=""):
     return result
 
 
+@pytest.mark.slow
 def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     """Through bench/device.sh, the one call a lent GPU machine gets, with the device and weights swapped."""
     weights = tmp_path / "weights"
@@ -85,6 +86,7 @@ def test_bench_gpu_code_runs_on_cpu_with_tiny_weights(tmp_path):
     assert max(per_image) < 1.1 * min(per_image), per_image
 
 
+@pytest.mark.slow
 def test_compile_artifacts_measured_on_cpu_with_tiny_weights(tiny_repository):
     """bench-gpu's artifacts section (bench/compiled.py): build, cold loads without and with them (at the
     warm-up's size, batch 1: every other shape is another compile on 2 cores)."""
@@ -119,6 +121,7 @@ def test_compile_artifacts_measured_on_cpu_with_tiny_weights(tiny_repository):
     assert float(cells[3]) > 0 and float(cells[4]) > 0 and cells[7] == "not measured (quick)"
 
 
+@pytest.mark.server
 def test_the_four_models_served_with_the_aws_sample_payloads(tmp_path):
     """bench/device.sh serve: one tritonserver with the four models, each called as the AWS sample calls."""
     args = (
@@ -215,6 +218,7 @@ def test_make_bench_sections_against_a_real_server(server, tiny_repository):
     assert binary_bytes < json_bytes
 
 
+@pytest.mark.server
 def test_make_bench_telemetry_compares_a_model_with_its_telemetry_on_and_off(tiny_repository, tmp_path):
     lines = serving.telemetry_overhead(tiny_repository, steps=2, size=64, rounds=2, work=tmp_path)
     assert lines[-2].startswith("  difference: ") and "% of the time its caller waited" in lines[-1]

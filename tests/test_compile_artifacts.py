@@ -108,6 +108,7 @@ def graphs_line(log: str) -> list:
     return [(int(cached), int(compiled)) for cached, compiled in found]
 
 
+@pytest.mark.server
 def test_a_cold_load_with_artifacts_compiles_nothing(tiny_repository, tmp_path):
     repository = tmp_path / "repository"
     shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")

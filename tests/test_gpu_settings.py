@@ -140,6 +140,7 @@ def test_unusable_xformers_falls_back_to_sdpa(tiny_repository, tmp_path):
     assert "attention: sdpa" in result.stderr
 
 
+@pytest.mark.slow
 def test_compile_option_compiles_the_unet_and_keeps_the_image(tiny_repository):
     """torch.compile (inductor; on CPU it needs a C compiler) gives the eager image up to rounding."""
     eager = load(tiny_repository, "sd_base", Settings()).runner
@@ -152,6 +153,7 @@ def test_compile_option_compiles_the_unet_and_keeps_the_image(tiny_repository):
     assert difference.max() <= 2
 
 
+@pytest.mark.server
 def test_config_parameters_reach_the_pipeline_through_triton(tiny_repository, tmp_path):
     repository = tmp_path / "repository"
     shutil.copytree(tiny_repository / "sd_depth", repository / "sd_depth")

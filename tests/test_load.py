@@ -153,6 +153,7 @@ def test_memory_stays_bounded_over_500_requests(server, tiny_repository):
     assert growth < 64 * 2**20, f"the model process grew by {growth / 2**20:.0f} MiB over 500 requests"
 
 
+@pytest.mark.server
 def test_unloading_and_loading_ten_times_returns_the_memory(tiny_repository, tmp_path):
     repository = tmp_path / "repository"
     shutil.copytree(tiny_repository / "sd_base", repository / "sd_base")

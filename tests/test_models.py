@@ -13,13 +13,12 @@ from pathlib import Path
 import brought
 import pytest
 import torch
+from helpers import ROOT, copy_repository
 from safetensors.torch import load_file
 
 from sdmme import model_folder
 from sdmme.tools import checkpoints, repository, tiny
 from sdmme.tools.checkpoints import CheckpointError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +29,7 @@ def files(tmp_path_factory):
 @pytest.fixture()
 def repo(tmp_path):
     """A model repository with the default folders (the templates) and no weights."""
-    import shutil
-
-    dest = tmp_path / "model_repository"
-    shutil.copytree(ROOT / "model_repository", dest, ignore=shutil.ignore_patterns("weights", "__pycache__"))
-    return dest
+    return copy_repository(tmp_path / "model_repository")
 
 
 def saved_unet(folder: Path) -> dict:

@@ -247,6 +247,7 @@ def test_the_schema_the_form_is_built_from_is_the_servers_validation():
     assert schema["kinds"]["sd_inpaint"]["image_inputs"] == ["image", "mask_image"]
 
 
+@pytest.mark.server
 def test_the_command_starts_a_server_when_none_answers_and_stops_it(tiny_repository):
     """`make playground` after `make demo`: nothing serves at the URL, so the playground starts
     tritonserver on the repository there, serves the page, and stops both when stopped."""

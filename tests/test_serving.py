@@ -196,6 +196,7 @@ def test_client_raises_model_error(client):
     assert e.value.status == 400 and "gen_args.noise_level=351" in e.value.message
 
 
+@pytest.mark.server
 def test_make_serve_command_serves_the_aws_payload(tiny_repository):
     """`make serve` runs `python -m deploy.local.tritonserver`: the same server, in the foreground."""
     ports = [free_port() for _ in range(3)]
