@@ -69,6 +69,7 @@ def tiny_repository(tmp_path_factory) -> Path:
 def server(tiny_repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     with TritonServer(tiny_repository, log_file=log_file) as server:
+        server.repository = tiny_repository
         yield server
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -119,6 +120,33 @@ def wait_for(condition, timeout: float, what: str) -> None:
     raise AssertionError(f"not within {timeout:.0f}s: {what}")
 
 
+def stub_pid(model_file: Path) -> int:
+    """The process (the Python backend's stub) serving the model whose model.py is `model_file`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"triton_python_backend_stub" in command[0] and str(model_file).encode() in command[1]:
+            return int(entry.name)
+    raise LookupError(f"no stub process for {model_file}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def wait_until_computing(model_file: Path, timeout: float = 60.0) -> None:
+    """Returns once the model's process has computed for 0.3 s of CPU since the call: a request sent
+    just before is in its execute() (an idle model uses next to none)."""
+    pid = stub_pid(model_file)
+    start = cpu_seconds(pid)
+    wait_for(lambda: cpu_seconds(pid) - start > 0.3, timeout, f"the model of {model_file} computing")
+
+
 class Traffic:
     """One client per model sending requests back to back through `send(model) -> (status, error)`;
     every answer recorded with its time. Entered once every model has answered."""
@@ -144,6 +172,15 @@ class Traffic:
         for thread in self.threads:
             thread.join(timeout=120)
         assert not any(t.is_alive() for t in self.threads), "a request got no answer"
+
+    def answered_more(self, count: int = 3, timeout: float = 60) -> None:
+        """Returns once every model has answered `count` more requests than when called."""
+        seen = {model: len(answers) for model, answers in self.answers.items()}
+        wait_for(
+            lambda: all(len(self.answers[m]) >= seen[m] + count for m in seen),
+            timeout,
+            f"{count} more answers from every model",
+        )
 
     def served_again(self, model, since, timeout):
         """Seconds from `since` to the end of the first 200 of a request sent after it."""

@@ -6,7 +6,6 @@ import io
 import json
 import shutil
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import brought
@@ -14,7 +13,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, post, sample_payload, with_parameters
+from helpers import ROOT, post, sample_payload, wait_until_computing, with_parameters
 from PIL import Image
 
 from bench import serving
@@ -144,7 +143,7 @@ def shared_execute(served, alone) -> bool:
     blocker = {**STYLE, "num_inference_steps": 60, "height": 256, "width": 256}
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(generate, served, **blocker)
-        time.sleep(0.3)  # the blocker's execute() has begun: it no longer waits for company
+        wait_until_computing(served.repository / "base" / "1" / "model.py")  # it waits for no company
         queued = [pool.submit(generate, served, lora=name) for name in ("ink", "sun")]
         results = [future.result() for future in queued]
         assert running.result()[0] == 200

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import boto3
 import pytest
@@ -78,7 +77,6 @@ def test_deploy_update_autoscale_and_teardown(archives, capsys):
     assert container["Environment"]["SDMME_ADAPTERS"] == f"s3://{BUCKET}/{PREFIX}/adapters/"  # make upload's
     assert "SAGEMAKER_TRITON_ALLOW_METRICS" not in container["Environment"]  # as SageMaker: off
 
-    time.sleep(1.1)  # a new timestamped name for the new configuration
     update = settings(instance_count=2, min_instances=1, max_instances=3, metrics=True)  # METRICS=1
     second = sagemaker.deploy(update, poll=0.1)
     endpoint = sm.describe_endpoint(EndpointName="sd-test")
@@ -167,7 +165,6 @@ def test_endpoints_sharing_a_name_prefix_never_touch_each_other(archives):
     sm = boto3.client("sagemaker")
     ours = sagemaker.deploy(settings(name="sd-mme"), poll=0)
     theirs = sagemaker.deploy(settings(name="sd-mme-staging"), poll=0)
-    time.sleep(1.1)
     again = sagemaker.deploy(settings(name="sd-mme"), poll=0.1)  # removes sd-mme's old model and config only
     configs = {c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]}
     assert theirs["endpoint_config"] in configs and ours["endpoint_config"] not in configs
@@ -193,7 +190,6 @@ def test_redeploying_an_autoscaled_endpoint_follows_the_api_rules(archives, caps
     sm, aas = boto3.client("sagemaker"), boto3.client("application-autoscaling")
     sagemaker.deploy(settings(instance_count=1, min_instances=1, max_instances=4), poll=0)
     autoscaled_to(3)
-    time.sleep(1.1)
     sagemaker.deploy(settings(instance_count=1), poll=0.1)  # new model, same type
     variant = sm.describe_endpoint(EndpointName="sd-test")["ProductionVariants"][0]
     assert variant["DesiredInstanceCount"] == 3  # not reset to INSTANCE_COUNT
@@ -210,7 +206,6 @@ def test_redeploying_an_autoscaled_endpoint_follows_the_api_rules(archives, caps
         sm.update_endpoint(EndpointName="sd-test", EndpointConfigName="sd-test-manual")
     sm.delete_endpoint_config(EndpointConfigName="sd-test-manual")
     # ...so deploy deregisters, updates, and registers the old bounds again
-    time.sleep(1.1)
     sagemaker.deploy(settings(instance_type="ml.c5.xlarge"), poll=0.1)
     assert "autoscaling removed for the update, restored after" in capsys.readouterr().err
     config = sm.describe_endpoint(EndpointName="sd-test")["EndpointConfigName"]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import b64, picture, post, sample_payload, with_parameters
+from helpers import b64, picture, post, sample_payload, wait_until_computing, with_parameters
 
 from bench import serving
 from deploy.local.tritonserver import TritonServer
@@ -23,8 +23,7 @@ def txt2img(steps: int, size: int, seed: int = 0) -> dict:
     return sample_payload(prompt="a lighthouse", gen_args=json.dumps(gen_args))
 
 
-def timed_post(server, model: str, body: dict, delay: float = 0.0):
-    time.sleep(delay)
+def timed_post(server, model: str, body: dict):
     start = time.monotonic()
     status, answer = post(server, f"/v2/models/{model}/infer", body)
     return status, answer, start, time.monotonic()
@@ -34,9 +33,14 @@ def test_each_group_is_answered_as_soon_as_it_is_done(server):
     """Two requests that queue behind a running call share the next execute(); the quick one's answer
     goes out when its group is done, not after the slow group."""
     before = serving.model_stats(server.url)
-    calls = [(txt2img(12, 256), 0.0), (txt2img(1, 64), 0.15), (txt2img(30, 256), 0.25)]
     with ThreadPoolExecutor(3) as pool:
-        blocker, quick, slow = pool.map(lambda call: timed_post(server, "sd_base", *call), calls)
+        running = pool.submit(timed_post, server, "sd_base", txt2img(12, 256))
+        wait_until_computing(server.repository / "sd_base" / "1" / "model.py")
+        queued = [
+            pool.submit(timed_post, server, "sd_base", txt2img(steps, size))
+            for steps, size in ((1, 64), (30, 256))
+        ]
+        blocker, quick, slow = running.result(), queued[0].result(), queued[1].result()
     assert [blocker[0], quick[0], slow[0]] == [200, 200, 200]
     assert quick[2] < blocker[3] and slow[2] < blocker[3], "both queued behind the running call"
     after = serving.counted(server.url, "sd_base", before, 3)
@@ -55,7 +59,7 @@ def limited(tiny_repository, tmp_path_factory):
     with_parameters(repository / "sd_base", {"time_budget_s": "10"})
     log_file = repository / "tritonserver.log"
     with TritonServer(repository, log_file=log_file) as server:
-        server.log = log_file
+        server.log, server.repository = log_file, repository
         yield server
 
 
@@ -68,9 +72,11 @@ def test_a_request_that_cannot_finish_in_its_budget_is_refused_up_front(limited)
 
 
 def test_a_full_queue_answers_at_once(limited):
-    calls = [(txt2img(20, 256), 0.0)] + [(txt2img(1, 64, seed=i), 0.2) for i in range(5)]
-    with ThreadPoolExecutor(len(calls)) as pool:
-        results = list(pool.map(lambda call: timed_post(limited, "sd_base", *call), calls))
+    with ThreadPoolExecutor(6) as pool:
+        running = pool.submit(timed_post, limited, "sd_base", txt2img(20, 256))
+        wait_until_computing(limited.repository / "sd_base" / "1" / "model.py")
+        queued = [pool.submit(timed_post, limited, "sd_base", txt2img(1, 64, seed=i)) for i in range(5)]
+        results = [running.result()] + [future.result() for future in queued]
     blocker, others = results[0], results[1:]
     refused = [r for r in others if r[0] != 200]
     assert blocker[0] == 200 and refused, results
@@ -99,7 +105,7 @@ def test_a_caller_who_gives_up_stops_the_work(server):
     context = client.async_infer(
         "sd_base", inputs, callback=lambda result, error: (answers.append(error), done.set())
     )
-    time.sleep(1.0)
+    wait_until_computing(server.repository / "sd_base" / "1" / "model.py")
     context.cancel()
     assert done.wait(30)
     assert "cancel" in str(answers[0]).lower(), answers

@@ -20,7 +20,6 @@ import boto3
 import brought
 import numpy as np
 import pytest
-from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from helpers import (
     RECOVERY_TARGET_S,
@@ -31,6 +30,7 @@ from helpers import (
     point_aws_at,
     remove_bucket,
     sample_payload,
+    wait_for,
 )
 from PIL import Image
 
@@ -39,6 +39,7 @@ from client.base import binary_request, request_body
 from client.cli import main as cli
 from deploy.aws import package, tarball, upload
 from deploy.local.mme import frontend
+from deploy.local.mme.endpoint import transfer_config
 from deploy.local.mme.service import LocalEndpoint
 from deploy.ops import stats
 from sdmme.adapters import __main__ as make_adapter
@@ -140,9 +141,8 @@ def mme(packed_env, tiny_repository, moto_url, tmp_path_factory):
         env = {recovery.FAULTS_ENV: str(faults), frontend.ALLOW_METRICS: "true"}  # as make mme METRICS=1
         with LocalEndpoint(BUCKET, PREFIX, root, endpoint_name=NAME, max_models=2, env=env) as endpoint:
             endpoint.serve_in_background()
-            # One GET per archive: moto reads a whole object again for every ranged GET (150 of them for
-            # a 1.2 GB archive took 166 s once CI's page cache was under pressure), where S3 does not.
-            endpoint.manager.transfer_config = TransferConfig(multipart_threshold=1 << 40, use_threads=False)
+            # One GET per archive from a local S3, as make mme does (endpoint.transfer_config)
+            assert endpoint.manager.transfer_config.multipart_threshold == 1 << 40
             endpoint.runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url)
             endpoint.archives = {path.name: path for path in archives}
             endpoint.tiny_repository, endpoint.work, endpoint.faults = tiny_repository, work, faults
@@ -167,6 +167,17 @@ def loads_in_log(endpoint, target):
     """Loads that tritonserver itself reports (the SageMaker front end namespaces names by path)."""
     lines = (endpoint.root / "tritonserver.log").read_text().splitlines()
     return sum(1 for line in lines if "successfully loaded" in line and line.endswith(f"::{target}'\""))
+
+
+def test_the_local_mme_downloads_with_one_get_from_a_local_s3_and_boto3_defaults_from_aws(monkeypatch):
+    """moto (any S3 but AWS's) reads a whole object again for every ranged GET of boto3's multipart
+    download: against it the local MME takes one GET; against AWS, boto3's own parallel ranged GETs."""
+    for variable in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(variable, raising=False)
+    local = boto3.client("s3", endpoint_url="http://127.0.0.1:5000", region_name="us-east-1")
+    assert transfer_config(local).multipart_threshold == 1 << 40
+    for region in ("us-east-1", "eu-west-1"):
+        assert transfer_config(boto3.client("s3", region_name=region)) is None
 
 
 def test_aws_sample_calls_each_model(mme):
@@ -214,7 +225,7 @@ def test_concurrent_first_requests_load_once_while_others_serve(mme):
         cold = [
             pool.submit(invoke, mme, target, prompt=f"p{i}", image=image, gen_args=FAST) for i in range(4)
         ]
-        time.sleep(0.5)
+        wait_for(lambda: mme.manager.loading > 0, 60, "the cold model loading")
         # a loaded model answers while the cold one is still loading (its load takes seconds: stub, torch)
         assert invoke(mme, "sd_upscale.tar.gz", prompt="a", image=b64(picture(32, 32)), gen_args=FAST)
         assert not all(future.done() for future in cold)
@@ -595,7 +606,7 @@ def test_a_broken_model_is_reloaded_inside_the_container_while_the_other_serves(
             (mme.faults / "sd_base.tar.gz").touch()
         since = time.monotonic()
         seconds = traffic.served_again("sd_base.tar.gz", since, RECOVERY_TARGET_S + 30)
-        time.sleep(1.0)
+        traffic.answered_more()
     print(f"local MME, {fault}: sd_base.tar.gz served again {seconds:.1f}s after the fault")
     assert {status for *_, status, _ in traffic.answers["sd_upscale.tar.gz"]} == {200}
     # Behind SageMaker's front end every model error is a 400 (ModelError, OriginalStatusCode 400),

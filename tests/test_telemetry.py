@@ -11,7 +11,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import ROOT, b64, copy_repository, picture, post, sample_payload, with_parameters
+from helpers import (
+    ROOT,
+    b64,
+    copy_repository,
+    picture,
+    post,
+    sample_payload,
+    wait_until_computing,
+    with_parameters,
+)
 
 from deploy.aws import sagemaker
 from deploy.local.mme import frontend
@@ -46,7 +55,7 @@ def observed(tmp_path_factory):
     with_parameters(repository / "quiet", {"request_log": "false", "metrics": "false"})
     log_file = repository.parent / "tritonserver.log"
     with TritonServer(repository, log_file=log_file) as server:
-        server.log = log_file
+        server.log, server.repository = log_file, repository
         server.mix = run_mix(server)
         yield server
 
@@ -87,7 +96,7 @@ def run_mix(server) -> dict:
     thread_result = {}
     thread = threading.Thread(target=lambda: thread_result.update(status=call(server, "busy", blocker)))
     thread.start()
-    time.sleep(1.0)
+    wait_until_computing(server.repository / "busy" / "1" / "model.py")
     queued = [txt2img(f"busy-{i}", prompt="queued words") for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         statuses = list(pool.map(lambda body: post(server, "/v2/models/busy/infer", body), queued))

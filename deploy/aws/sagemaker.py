@@ -1,7 +1,7 @@
 """`make deploy` / `make teardown`: the SageMaker model, endpoint configuration and endpoint of the MME.
 
 Models and endpoint configurations are immutable in SageMaker: each deploy creates new ones named
-`<name>-<timestamp>` and points the endpoint at them (create, or update in place), then removes the
+`<name>-<timestamp>-<4 hex>` and points the endpoint at them (create, or update in place), then removes the
 ones the endpoint no longer uses. Every archive under the prefix is checked before anything is created.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ def deploy(settings: Settings, session: Optional[boto3.Session] = None, poll: fl
     s3, sm = session.client("s3"), session.client("sagemaker")
     models = check_archives(s3, settings)
     say(f"{len(models)} archive(s) under {settings.model_data_url}: {', '.join(models)}")
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    # The time says when; the random part keeps two deploys in one second apart (SageMaker names are unique).
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
     model_name = config_name = f"{settings.name}-{stamp}"
     image = settings.image_uri or containers.image_uri(settings.region, settings.image_tag)
     sm.create_model(
@@ -262,7 +264,7 @@ def _endpoint(sm, name: str) -> Optional[dict]:
 def _owned(sm, name: str) -> Dict[str, List[str]]:
     """Models and endpoint configurations deploy created for this endpoint: named `<name>-<stamp>`
     exactly (not `<name>-staging-<stamp>`, another endpoint's) and tagged with this endpoint's name."""
-    pattern = re.compile(re.escape(name) + r"-\d{8}-\d{6}")
+    pattern = re.compile(re.escape(name) + r"-\d{8}-\d{6}(-[0-9a-f]{4})?")  # earlier deploys: no suffix
 
     def ours(arn: str) -> bool:
         tags = sm.list_tags(ResourceArn=arn).get("Tags", [])
