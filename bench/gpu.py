@@ -235,8 +235,6 @@ class Report(list):
         return self
 
 
-# what --skip can leave out; the settings and compile stay
-SECTIONS = ("batching", "schedulers", "adapters", "models", "upscale-limit", "artifacts")
 ARTIFACT_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -253,6 +251,185 @@ def merged(results: List[Result]) -> Result:
     )
 
 
+class Run:
+    """One `make bench-gpu` run: its report, the one pipeline in memory, and what the settings section
+    found fastest, which the later sections measure with."""
+
+    def __init__(self, bench: Bench, steps: int):
+        self.bench, self.steps, self.lines = bench, steps, Report()
+        self.loaded: Dict[tuple, Runner] = {}  # the one pipeline in memory, kept for the next case
+        self.base_job = job("sd_base", steps, 512)
+        self.variants: Dict[str, Settings] = {}
+        self.best_label, self.best, self.best_settings = "", None, None
+
+    def unload(self) -> None:
+        self.loaded.clear()
+        free_memory(self.bench.device)
+
+    def attempt(self, label: str, model: str, settings: Settings, jobs, first_call=False, show=True):
+        """One case measured (a row), or a row saying why it failed; None then."""
+        bench = self.bench
+        try:
+            if (model, settings) not in self.loaded:
+                self.unload()
+                start = time.perf_counter()
+                self.loaded[model, settings] = bench.load(model, settings)
+                print(f"  ({model}: loaded in {time.perf_counter() - start:.1f}s)", flush=True)
+            runner = self.loaded[model, settings]
+            first_call = first_call or settings.cuda_graphs  # the graphs are captured in the first call
+            result = bench.measure(label, runner, jobs, self.steps, first_call=first_call)
+            bench.host_syncs(runner, jobs, result)
+            if model == "sd_base":
+                flops = bench.unet_flops(runner, jobs[0]) * result.images  # the jobs are all alike
+                result.tflops = flops / result.seconds / 1e12
+            (self.lines.append if show else print)(result.row())
+            return result
+        except Exception as e:
+            self.unload()
+            what = "out of memory" if is_out_of_memory(e) else f"failed: {type(e).__name__}: {e}"
+            self.lines.append(f"| {label} | {what[:200].replace('|', '/')}{FAILED_CELLS}")
+            return None
+
+
+def settings_section(run: Run, rounds: int, dtype: str) -> bool:
+    """The eager settings in `rounds` interleaved rounds; whether any ran (the rest needs the fastest)."""
+    steps = run.steps
+    run.lines += [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, {dtype}:", "", HEADER]
+    run.variants = settings_to_compare(dtype)
+    measured: Dict[str, List[Result]] = {label: [] for label in run.variants}
+    for round_ in range(1, rounds + 1):
+        print(f"  (round {round_} of {rounds})", flush=True)
+        for label, settings in run.variants.items():
+            if round_ == 1 or measured[label]:  # a setting that failed once is not tried again
+                result = run.attempt(label, "sd_base", settings, [run.base_job], show=False)
+                if result is not None:
+                    measured[label].append(result)
+    results = {}
+    for label, settings in run.variants.items():
+        if measured[label]:
+            results[label] = (merged(measured[label]), settings)
+            run.lines.append(results[label][0].row())
+    if not results:
+        return False
+    run.best_label, (run.best, run.best_settings) = min(results.items(), key=lambda item: item[1][0].seconds)
+    run.lines += [
+        "",
+        f"Fastest without compile: {run.best_label} ({run.best.seconds:.3f} s); rounds: {rounds}.",
+    ]
+    images = {label: measured[label][0].image for label in results}
+    if TODAY in images and len(images) > 1:
+        run.lines.append(f"Images against {TODAY}, same seed: {against(images, TODAY)}.")
+    run.lines.append("")
+    return True
+
+
+def batching_section(run: Run) -> None:
+    steps = run.steps
+    run.lines += [
+        f"Batching with {run.best_label}: one call of n requests, 512x512, {steps} steps:",
+        "",
+        HEADER,
+    ]
+    for n in (1, 4, 8):
+        jobs = [replace(job("sd_base", steps, 512, seed=i), index=i) for i in range(n)]
+        run.attempt(f"batch {n}", "sd_base", run.best_settings, jobs)
+    run.lines.append("")
+
+
+def schedulers_section(run: Run) -> None:
+    # PNDM, the SD 2 default, reads a GPU tensor on the host at every step (`prev_timestep >= 0`),
+    # so the CPU waits for each UNet call before it queues the next; Euler keeps its sigmas on the CPU.
+    run.lines += [f"Schedulers (gen_args.scheduler), {run.steps} steps:", "", HEADER]
+    compared = {TODAY: run.variants[TODAY], run.best_label: run.best_settings}
+    for label, settings in compared.items():  # one load each
+        for name in (n for n in SCHEDULERS if n != "default"):  # the model's own is one of these
+            scheduled = replace(run.base_job, args={**run.base_job.args, "scheduler": name})
+            run.attempt(f"scheduler {name}, {label}", "sd_base", settings, [scheduled])
+    run.lines.append("")
+
+
+def adapters_section(run: Run) -> None:
+    run.lines += [
+        f"Adapters with {run.best_label} (fused QKV off: adapters cannot go with it): a rank-64 LoRA of the "
+        f"attention projections (random), {run.steps} steps:",
+        "",
+        HEADER,
+    ]
+    run.unload()
+    try:
+        run.lines += adapter_rows(run.bench, run.best_settings, run.base_job, run.steps)
+    except Exception as e:
+        run.lines.append(
+            f"| adapters | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')}{FAILED_CELLS}"
+        )
+    free_memory(run.bench.device)
+    run.lines.append("")
+
+
+def models_section(run: Run) -> None:
+    steps = run.steps
+    run.lines += [f"The other models with {run.best_label}, {steps} steps:", "", HEADER]
+    run.attempt("sd_depth 512x512", "sd_depth", run.best_settings, [job("sd_depth", steps, 512)])
+    run.attempt("sd_inpaint 512x512", "sd_inpaint", run.best_settings, [job("sd_inpaint", steps, 512)])
+    for tiling in (False, True):
+        for side in (128, 256):
+            label = f"sd_upscale {side}->{side * 4}" + (", VAE tiling" if tiling else "")
+            settings = run.best_settings.replace(vae_tiling=tiling)
+            run.attempt(label, "sd_upscale", settings, [job("sd_upscale", steps, side)])
+    run.lines.append("")
+    run.unload()
+
+
+def upscale_limit_section(run: Run, sides: List[int]) -> None:
+    run.unload()
+    for tiling in (False, True):
+        within = f"within {A10G_BYTES / 2**30:.0f} GiB (A10G, ml.g5.xlarge)"
+        within += ", VAE tiling" if tiling else ""
+        try:
+            side = largest_upscale_input(run.bench, run.best_settings.replace(vae_tiling=tiling), sides)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"[:200]
+            run.lines += [f"Largest `sd_upscale` input {within}: failed ({error}).", ""]
+            free_memory(run.bench.device)
+            continue
+        if side is not None:
+            tried = ", ".join(map(str, sides))
+            run.lines += [f"Largest `sd_upscale` input {within}: {side}x{side} (sides tried: {tried}).", ""]
+
+
+def artifacts_section(run: Run) -> None:
+    """Each mode compiled cold, then cold loads in fresh processes: the slowest section."""
+    from bench import compiled
+
+    run.unload()
+    run.lines += [
+        f"Compile artifacts (make compile-cache), sd_base, {run.steps} steps; each load a fresh process "
+        "with an empty compile cache of its own:",
+        "",
+    ]
+    run.lines += compiled.rows(
+        run.bench.weight_folder("sd_base"), list(ARTIFACT_MODES), 512, run.steps, run.bench.repeats
+    )
+    run.lines.append("")
+
+
+def compile_section(run: Run, compile_mode: str) -> None:
+    label = f"{run.best_label} + compile ({compile_mode})"
+    if run.best_settings.cuda_graphs:  # compile makes its own graphs
+        label = f"{run.best_label}, its CUDA graphs off, + compile ({compile_mode})"
+    run.lines += [f"The compile option (a config.pbtxt parameter, off by default), {run.steps} steps:", ""]
+    run.lines.append(HEADER)
+    settings = run.best_settings.replace(cuda_graphs=False, compile=compile_mode)
+    result = run.attempt(label, "sd_base", settings, [run.base_job], first_call=True)
+    if result is not None:
+        ratio = result.seconds / run.best.seconds
+        run.lines += ["", f"With compile: {ratio:.2f}x the latency of {run.best_label}."]
+
+
+# what --skip can leave out, in the order they run; the settings and compile stay
+SECTIONS = ("batching", "schedulers", "adapters", "models", "upscale-limit", "artifacts")
+
+
 def run(
     bench: Bench,
     steps: int,
@@ -266,151 +443,24 @@ def run(
     limit keeps the rest. A case that fails is a row saying why, and the run goes on. The eager settings
     are measured in `rounds` interleaved rounds: on the first GPU run (H100) the setting measured first
     took 2.9 s, and 1.4-1.8 s in later runs, so a single pass ranks the order, not the settings."""
-    lines = Report()
-    loaded: Dict[tuple, Runner] = {}  # the one pipeline in memory, kept for the next case
-
-    def unload() -> None:
-        loaded.clear()
-        free_memory(bench.device)
-
-    def attempt(label: str, model: str, settings: Settings, jobs, first_call=False, show=True):
-        try:
-            if (model, settings) not in loaded:
-                unload()
-                start = time.perf_counter()
-                loaded[model, settings] = bench.load(model, settings)
-                print(f"  ({model}: loaded in {time.perf_counter() - start:.1f}s)", flush=True)
-            runner = loaded[model, settings]
-            first_call = first_call or settings.cuda_graphs  # the graphs are captured in the first call
-            result = bench.measure(label, runner, jobs, steps, first_call=first_call)
-            bench.host_syncs(runner, jobs, result)
-            if model == "sd_base":
-                flops = bench.unet_flops(runner, jobs[0]) * result.images  # the jobs are all alike
-                result.tflops = flops / result.seconds / 1e12
-            (lines.append if show else print)(result.row())
-            return result
-        except Exception as e:
-            unload()
-            what = "out of memory" if is_out_of_memory(e) else f"failed: {type(e).__name__}: {e}"
-            lines.append(f"| {label} | {what[:200].replace('|', '/')}{FAILED_CELLS}")
-            return None
-
-    lines += [f"SD 2.1-base (`sd_base`), 512x512, {steps} steps, batch 1, {dtype}:", "", HEADER]
-    base_job = job("sd_base", steps, 512)
-    variants = settings_to_compare(dtype)
-    measured: Dict[str, List[Result]] = {label: [] for label in variants}
-    for round_ in range(1, rounds + 1):
-        print(f"  (round {round_} of {rounds})", flush=True)
-        for label, settings in variants.items():
-            if round_ == 1 or measured[label]:  # a setting that failed once is not tried again
-                result = attempt(label, "sd_base", settings, [base_job], show=False)
-                if result is not None:
-                    measured[label].append(result)
-    results = {}
-    for label, settings in variants.items():
-        if measured[label]:
-            results[label] = (merged(measured[label]), settings)
-            lines.append(results[label][0].row())
-    if not results:
-        return lines
-    best_label, (best, best_settings) = min(results.items(), key=lambda item: item[1][0].seconds)
-    lines += ["", f"Fastest without compile: {best_label} ({best.seconds:.3f} s); rounds: {rounds}."]
-    images = {label: measured[label][0].image for label in results}
-    if TODAY in images and len(images) > 1:
-        lines.append(f"Images against {TODAY}, same seed: {against(images, TODAY)}.")
-    lines.append("")
-
-    if "batching" not in skip:
-        lines += [f"Batching with {best_label}: one call of n requests, 512x512, {steps} steps:", "", HEADER]
-        for n in (1, 4, 8):
-            jobs = [replace(job("sd_base", steps, 512, seed=i), index=i) for i in range(n)]
-            attempt(f"batch {n}", "sd_base", best_settings, jobs)
-        lines.append("")
-
-    if "schedulers" not in skip:
-        # PNDM, the SD 2 default, reads a GPU tensor on the host at every step (`prev_timestep >= 0`),
-        # so the CPU waits for each UNet call before it queues the next; Euler keeps its sigmas on the CPU.
-        lines += [f"Schedulers (gen_args.scheduler), {steps} steps:", "", HEADER]
-        compared = {TODAY: variants[TODAY], best_label: best_settings}
-        for label, settings in compared.items():  # one load each
-            for name in (n for n in SCHEDULERS if n != "default"):  # the model's own is one of these
-                scheduled = replace(base_job, args={**base_job.args, "scheduler": name})
-                attempt(f"scheduler {name}, {label}", "sd_base", settings, [scheduled])
-        lines.append("")
-
-    if "adapters" not in skip:
-        lines += [
-            f"Adapters with {best_label} (fused QKV off: adapters cannot go with it): a rank-64 LoRA of the "
-            f"attention projections (random), {steps} steps:",
-            "",
-            HEADER,
-        ]
-        unload()
-        try:
-            lines += adapter_rows(bench, best_settings, base_job, steps)
-        except Exception as e:
-            lines.append(
-                f"| adapters | failed: {type(e).__name__}: {str(e)[:200].replace('|', '/')}{FAILED_CELLS}"
-            )
-        free_memory(bench.device)
-        lines.append("")
-
-    if "models" not in skip:
-        lines += [f"The other models with {best_label}, {steps} steps:", "", HEADER]
-        attempt("sd_depth 512x512", "sd_depth", best_settings, [job("sd_depth", steps, 512)])
-        attempt("sd_inpaint 512x512", "sd_inpaint", best_settings, [job("sd_inpaint", steps, 512)])
-        for tiling in (False, True):
-            for side in (128, 256):
-                label = f"sd_upscale {side}->{side * 4}" + (", VAE tiling" if tiling else "")
-                settings = best_settings.replace(vae_tiling=tiling)
-                attempt(label, "sd_upscale", settings, [job("sd_upscale", steps, side)])
-        lines.append("")
-    unload()
-
-    for tiling in () if "upscale-limit" in skip else (False, True):
-        within = f"within {A10G_BYTES / 2**30:.0f} GiB (A10G, ml.g5.xlarge)"
-        within += ", VAE tiling" if tiling else ""
-        try:
-            side = largest_upscale_input(bench, best_settings.replace(vae_tiling=tiling), upscale_sides)
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"[:200]
-            lines += [f"Largest `sd_upscale` input {within}: failed ({error}).", ""]
-            free_memory(bench.device)
-            continue
-        if side is not None:
-            tried = ", ".join(map(str, upscale_sides))
-            lines += [f"Largest `sd_upscale` input {within}: {side}x{side} (sides tried: {tried}).", ""]
-
-    if "artifacts" not in skip:  # each mode compiled cold, then cold loads in fresh processes: the slowest
-        from bench import compiled
-
-        lines += [
-            f"Compile artifacts (make compile-cache), sd_base, {steps} steps; each load a fresh process "
-            "with an empty compile cache of its own:",
-            "",
-        ]
-        lines += compiled.rows(
-            bench.weight_folder("sd_base"), list(ARTIFACT_MODES), 512, steps, bench.repeats
-        )
-        lines.append("")
-
+    measured = Run(bench, steps)
+    if not settings_section(measured, rounds, dtype):
+        return measured.lines
+    sections = {
+        "batching": batching_section,
+        "schedulers": schedulers_section,
+        "adapters": adapters_section,
+        "models": models_section,
+        "upscale-limit": lambda r: upscale_limit_section(r, upscale_sides),
+        "artifacts": artifacts_section,
+    }
+    for name in SECTIONS:
+        if name not in skip:
+            sections[name](measured)
+    measured.unload()
     if compile_mode != "none":
-        label = f"{best_label} + compile ({compile_mode})"
-        if best_settings.cuda_graphs:  # compile makes its own graphs
-            label = f"{best_label}, its CUDA graphs off, + compile ({compile_mode})"
-        lines += [f"The compile option (a config.pbtxt parameter, off by default), {steps} steps:", ""]
-        lines.append(HEADER)
-        compiled = attempt(
-            label,
-            "sd_base",
-            best_settings.replace(cuda_graphs=False, compile=compile_mode),
-            [base_job],
-            first_call=True,
-        )
-        if compiled is not None:
-            ratio = compiled.seconds / best.seconds
-            lines += ["", f"With compile: {ratio:.2f}x the latency of {best_label}."]
-    return lines
+        compile_section(measured, compile_mode)
+    return measured.lines
 
 
 def adapter_rows(bench: Bench, settings: Settings, base_job: batching.Job, steps: int) -> List[str]:
