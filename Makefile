@@ -61,7 +61,7 @@ serve: weights
 	$(PY) -m deploy.local.tritonserver --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 # GPU machines with docker: NGC's tritonserver with this repository mounted; installs the runtime at start.
-serve-docker:
+serve-docker: weights
 	docker run --gpus all --rm --shm-size=1g \
 	  -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
 	  -v "$(CURDIR)":/src -w /src $(TRITON_IMAGE) \
