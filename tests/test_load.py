@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import b64, picture, post, sample_payload, wait_until_computing, with_parameters
+from helpers import b64, picture, post, sample_payload, wait_for, wait_until_computing, with_parameters
 
 from bench import serving
 from deploy.local.tritonserver import TritonServer
+from deploy.ops import stats
 
 
 def txt2img(steps: int, size: int, seed: int = 0) -> dict:
@@ -33,14 +34,18 @@ def test_each_group_is_answered_as_soon_as_it_is_done(server):
     """Two requests that queue behind a running call share the next execute(); the quick one's answer
     goes out when its group is done, not after the slow group."""
     before = serving.model_stats(server.url)
+    metrics = f"127.0.0.1:{server.metrics_port}"
+
+    def pending() -> float:  # requests Triton holds for sd_base, not yet handed to execute()
+        return stats.total(stats.scrape(metrics), "nv_inference_pending_request_count", model="sd_base")
+
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(timed_post, server, "sd_base", txt2img(12, 256))
         wait_until_computing(server.repository / "sd_base" / "1" / "model.py")
-        queued = [
-            pool.submit(timed_post, server, "sd_base", txt2img(steps, size))
-            for steps, size in ((1, 64), (30, 256))
-        ]
-        blocker, quick, slow = running.result(), queued[0].result(), queued[1].result()
+        quick = pool.submit(timed_post, server, "sd_base", txt2img(1, 64))
+        wait_for(lambda: pending() == 1, 30, "the quick request queued behind the running call")
+        slow = pool.submit(timed_post, server, "sd_base", txt2img(30, 256))
+        blocker, quick, slow = running.result(), quick.result(), slow.result()
     assert [blocker[0], quick[0], slow[0]] == [200, 200, 200]
     assert quick[2] < blocker[3] and slow[2] < blocker[3], "both queued behind the running call"
     after = serving.counted(server.url, "sd_base", before, 3)

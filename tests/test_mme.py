@@ -524,7 +524,8 @@ def test_adapters_uploaded_while_the_endpoint_runs_are_served_from_s3(mme, tmp_p
     )
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: pixels("sd_base.tar.gz", lora="sun"), range(4)))
-    assert all(np.array_equal(result, results[0]) for result in results)
+    # the same seed, in one call or several: within one level of 255 (shared/FACTS.md: batching)
+    assert all(np.abs(result - results[0]).max() <= 1 for result in results)
     assert not np.array_equal(results[0], alone) and not np.array_equal(results[0], adapted)
     assert log.read_text().count("adapter sun: fetched from s3://mme-models/sd/v1/adapters/sd_base/") == 1
     # Behind the MME too, the metrics name the model by its TargetModel: one fetch from S3, and every

@@ -232,7 +232,7 @@ def test_make_stats_prints_a_row_per_model(observed):
 
 
 def test_the_dashboard_names_only_metrics_the_server_publishes(observed):
-    dashboard = json.loads((ROOT / "deploy" / "dashboard.json").read_text())
+    dashboard = json.loads((ROOT / "deploy" / "ops" / "dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     assert exprs
     names = set()
