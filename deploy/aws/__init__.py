@@ -1,0 +1,1 @@
+"""The AWS path: archives, S3 upload, the SageMaker endpoint."""

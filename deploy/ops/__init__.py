@@ -1,0 +1,1 @@
+"""Operations: make stats and the Grafana dashboard."""
