@@ -169,6 +169,14 @@ def loads_in_log(endpoint, target):
     return sum(1 for line in lines if "successfully loaded" in line and line.endswith(f"::{target}'\""))
 
 
+def test_the_local_mme_starts_tritonserver_as_sagemakers_launcher_does(tmp_path):
+    """Auto-complete on, as SageMaker's launcher leaves it (make serve turns it off): every MME test loads
+    the configs make weights writes that way."""
+    command = frontend.server(tmp_path / "empty", 9999, tmp_path / "log").cmd
+    assert "--disable-auto-complete-config" not in command
+    assert set(frontend.SAGEMAKER_FLAGS) <= set(command) and "--sagemaker-port=9999" in command
+
+
 def test_the_local_mme_downloads_with_one_get_from_a_local_s3_and_boto3_defaults_from_aws(monkeypatch):
     """moto (any S3 but AWS's) reads a whole object again for every ranged GET of boto3's multipart
     download: against it the local MME takes one GET; against AWS, boto3's own parallel ranged GETs."""

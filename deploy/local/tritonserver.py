@@ -96,12 +96,15 @@ def command(
     grpc_port: int,
     metrics_port: int,
     extra: list[str] = (),
+    auto_complete: bool = False,
 ) -> list[str]:
+    """Without `auto_complete` each model's config.pbtxt is taken as written (make weights and make model
+    write it whole), which saves each Python model's auto-complete pass at load."""
     cmd = [
         str(server),
         f"--backend-directory={workdir / 'backends'}",
         f"--cache-directory={workdir / 'caches'}",
-        "--disable-auto-complete-config",
+        *([] if auto_complete else ["--disable-auto-complete-config"]),
         "--http-address=127.0.0.1",
         f"--http-port={http_port}",
         "--grpc-address=127.0.0.1",
@@ -135,6 +138,7 @@ class TritonServer:
         ready_port: int | None = None,
         ready_path: str = "/v2/health/ready",
         env: dict[str, str] | None = None,
+        auto_complete: bool = False,
     ):
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         prepare_backends(self.workdir, python_version)
@@ -150,6 +154,7 @@ class TritonServer:
             self.grpc_port,
             self.metrics_port,
             list(extra),
+            auto_complete,
         )
         self.log_file = log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None

@@ -54,6 +54,7 @@ def server(
         ready_path="/ping",
         env=env,
         python_version=python_version,
+        auto_complete=True,  # SageMaker's launcher leaves it on: the models' configs are checked as there
     )
 
 
