@@ -103,14 +103,13 @@ class Settings:
 
     def __init__(self, device_kind: str = "GPU", **values: Any):
         """The defaults of a device kind (GPU, CPU), with `values` over them."""
-        defaults = {name: setting.default_on(device_kind) for name, (setting, _) in declared().items()}
-        self._set({**defaults, **values})
+        self._set({name: s.default_on(device_kind) for name, (s, _) in declared().items()}, values)
 
-    def _set(self, values: Dict[str, Any]) -> None:
-        unknown = sorted(set(values) - set(declared()))
+    def _set(self, base: Dict[str, Any], values: Dict[str, Any]) -> None:
+        unknown = sorted(set(values) - set(base))
         if unknown:
             raise TypeError(f"not a setting: {', '.join(unknown)}")
-        object.__setattr__(self, "_values", tuple(values.items()))
+        object.__setattr__(self, "_values", tuple({**base, **values}.items()))
         for group in groups():
             if group.check is not None:
                 group.check(self)
@@ -133,7 +132,7 @@ class Settings:
 
     def replace(self, **values: Any) -> Settings:
         settings = Settings.__new__(Settings)
-        settings._set({**dict(self._values), **values})
+        settings._set(dict(self._values), values)
         return settings
 
     def __getattr__(self, name: str) -> Any:

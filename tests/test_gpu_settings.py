@@ -74,6 +74,9 @@ def test_settings_from_config_parameters():
     ]:
         with pytest.raises(ValueError, match=message):
             Settings.from_parameters(parameters, "GPU")
+    for made in (lambda: Settings(turbo=True), lambda: base.replace(turbo=True)):  # settings made in code
+        with pytest.raises(TypeError, match="not a setting: turbo"):
+            made()
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

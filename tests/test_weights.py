@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from sdmme import model_folder
 from sdmme.tools import weights
 
 
@@ -37,6 +38,24 @@ def test_weights_from_another_source_are_not_replaced_without_force(tmp_path):
         weights.fill(tmp_path, "sd_base", "tiny")
     assert weights.fill(tmp_path, "sd_base", "tiny", force=True) == dest
     assert json.loads((dest / weights.SOURCE_FILE).read_text())["source"] == "tiny"
+
+
+def test_make_weights_keeps_weights_of_any_source_and_rewrites_the_contract(tmp_path):
+    """make weights (--if-missing) after make weights-hub: the hub weights stay; config.pbtxt is written
+    again from the spec, the operator's parameters kept."""
+    dest = weights.weights_dir(tmp_path, "sd_base")
+    dest.mkdir(parents=True)
+    (dest / weights.SOURCE_FILE).write_text(json.dumps({"source": "hub"}))
+    config = tmp_path / "sd_base" / model_folder.CONFIG
+    config.write_text(
+        'name: "sd_base"\n' + model_folder.parameters_text({"kind": "sd_base", "compile": "default"})
+    )
+    assert weights.fill(tmp_path, "sd_base", "tiny", if_missing=True) == dest
+    assert json.loads((dest / weights.SOURCE_FILE).read_text())["source"] == "hub"
+    text = config.read_text()
+    assert model_folder.parameters_in(text) == {"kind": "sd_base", "compile": "default"}
+    assert text == model_folder.config_text("sd_base", "sd_base", {"compile": "default"})
+    assert 'input [\n  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] }' in text
 
 
 @pytest.fixture(scope="module")

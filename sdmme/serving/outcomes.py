@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Optional
 
+from sdmme.adapters.store import StoreError
 from sdmme.spec import InvalidInput, caller_safe
 
 # Why a request ended as it did: "ok", or the class of its error (the reason an operator filters on).
@@ -52,8 +53,6 @@ def refused(outcome: str, message: str) -> Failure:
 
 def classify(error: BaseException, is_out_of_memory) -> Failure:
     """A pipeline call's exception, as the requests it failed are answered."""
-    from sdmme.adapters.store import StoreError  # boto3's errors are only known to the store
-
     if isinstance(error, InvalidInput):  # an adapter that is unknown or cannot be used here
         return refused("invalid_input", str(error))
     if isinstance(error, StoreError):
